@@ -1,0 +1,104 @@
+"""Neural drifts ``c(t, x, context)`` for controlled diffusions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["NeuralDrift"]
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, actual {value!r}")
+
+
+class NeuralDrift(nn.Module):
+    r"""A multilayer perceptron ``c(t, x, context)`` with Fourier time features.
+
+    The input is ``[x, sin(pi j tau), cos(pi j tau) for j = 1..F, context]`` with
+    ``tau = (t - t_start) / (t_end - t_start)``; the output layer is initialised at
+    zero, so a controlled drift ``b + sigma * c`` starts at the prior drift ``b``.
+
+    ``t`` is a 0-d tensor, or has shape ``(N, 1, ..., 1)`` with as many dimensions as
+    ``x`` (the layout :class:`~pyro_latdiff.LatentDiffusion` uses in ``log_prob``); ``context`` has shape ``(..., context_dim)`` broadcasting with
+    ``x.shape[:-1]``. The output has shape ``x.shape[:-1] + (out_dim,)``.
+
+    Example::
+
+        net = NeuralDrift(state_dim=2, context_dim=1)
+        c = net(torch.tensor(0.5), torch.randn(10, 2), torch.randn(10, 1))  # zeros
+
+    :param int state_dim: dimension ``D`` of ``x``.
+    :param int context_dim: dimension of ``context`` (0 for none).
+    :param int out_dim: output dimension, ``state_dim`` by default.
+    :param hidden_dims: widths of the hidden layers.
+    :param int num_frequencies: number ``F`` of Fourier time frequencies.
+    :param time_span: ``(t_start, t_end)`` mapped to ``tau`` in ``[0, 1]``.
+    """
+
+    def __init__(
+        self,
+        state_dim: int,
+        *,
+        context_dim: int = 0,
+        out_dim: int | None = None,
+        hidden_dims: Sequence[int] = (64, 64),
+        num_frequencies: int = 4,
+        time_span: tuple[float, float] = (0.0, 1.0),
+    ):
+        super().__init__()
+        _check_positive_int("state_dim", state_dim)
+        _check_positive_int("context_dim", context_dim, minimum=0)
+        _check_positive_int("num_frequencies", num_frequencies, minimum=0)
+        out_dim = state_dim if out_dim is None else out_dim
+        _check_positive_int("out_dim", out_dim)
+        for width in hidden_dims:
+            _check_positive_int("hidden_dims[i]", width)
+        t_start, t_end = (float(v) for v in time_span)
+        if not (math.isfinite(t_start) and math.isfinite(t_end) and t_end > t_start):
+            raise ValueError(f"Expected `time_span` = (t_start, t_end) with t_end > t_start, "
+                             f"actual {time_span!r}")
+        self.state_dim = state_dim
+        self.context_dim = context_dim
+        self.out_dim = out_dim
+        self.time_span = (t_start, t_end)
+        self.register_buffer(
+            "frequencies", math.pi * torch.arange(1, num_frequencies + 1, dtype=torch.float)
+        )
+        widths = [state_dim + 2 * num_frequencies + context_dim, *hidden_dims]
+        layers: list[nn.Module] = []
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(w_in, w_out), nn.SiLU()]
+        last = nn.Linear(widths[-1], out_dim)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        layers.append(last)
+        self.net = nn.Sequential(*layers)
+
+    def time_features(self, t: Tensor) -> Tensor:
+        """Fourier features of ``t``, shape ``t.shape + (2F,)``."""
+        t_start, t_end = self.time_span
+        tau = (t - t_start) / (t_end - t_start)
+        angles = tau.unsqueeze(-1) * self.frequencies.to(tau.dtype)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
+        batch = x.shape[:-1]
+        if t.dim():
+            t = t[..., 0]  # drop the state axis of (N, 1, ..., 1)
+        features = self.time_features(t.to(x.dtype))
+        if self.context_dim:
+            if context is None:
+                raise ValueError(
+                    f"Expected `context` of shape (..., {self.context_dim}), actual None"
+                )
+            batch = torch.broadcast_shapes(batch, context.shape[:-1])
+            inputs = [x.expand(batch + x.shape[-1:]), features.expand(batch + features.shape[-1:]),
+                      context.expand(batch + context.shape[-1:])]
+        else:
+            inputs = [x, features.expand(batch + features.shape[-1:])]
+        return self.net(torch.cat(inputs, dim=-1))
