@@ -1,0 +1,229 @@
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Predictive, RenyiELBO, Trace_ELBO
+
+from pyro_latdiff import LatentDiffusion
+from pyro_latdiff.sde import solve
+from pyro_latdiff.testing import LinearSDE
+
+DTYPE = torch.float64
+
+
+def t64(values):
+    return torch.tensor(values, dtype=DTYPE)
+
+
+def linear_problem(times):
+    """A 2-D linear SDE with coupled drift, per-dimension noise and an offset."""
+    return LinearSDE(
+        A=t64([[-1.0, 0.5], [-0.3, -0.2]]),
+        c=t64([0.2, -0.1]),
+        sigma=t64([0.7, 1.3]),
+        x0=t64([0.5, -1.0]),
+        times=times,
+        H=t64([[1.0, 0.0]]),
+        obs_scale=t64([0.2]),
+    )
+
+
+GRIDS = {
+    "uniform": torch.linspace(0.0, 1.0, 11, dtype=DTYPE),
+    "non-uniform": t64([0.0, 0.05, 0.1, 0.3, 0.35, 0.6, 1.0, 1.1]),
+}
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_log_prob_equals_exact_joint_gaussian(grid):
+    problem = linear_problem(GRIDS[grid])
+    d = problem.distribution()
+    paths = d.sample((5, 3))
+    exact = problem.path_distribution().log_prob(paths.reshape(5, 3, -1))
+    assert paths.shape == (5, 3) + d.event_shape
+    assert torch.allclose(d.log_prob(paths), exact, atol=1e-8, rtol=0)
+
+
+def _manual_chain_log_prob(drift, diffusion, x0, times, path):
+    """Reference: loop over the transitions with torch's Normal."""
+    total = 0.0
+    x = x0
+    for k in range(times.shape[0] - 1):
+        h = times[k + 1] - times[k]
+        t = times[k]
+        step = dist.Normal(x + drift(t, x) * h, diffusion(t, x) * h.sqrt())
+        total = total + step.log_prob(path[..., k, :]).sum(-1)
+        x = path[..., k, :]
+    return total
+
+
+def _manual_chain_sample(drift, diffusion, x0, times, noise):
+    x, states = x0, []
+    for k in range(times.shape[0] - 1):
+        h = times[k + 1] - times[k]
+        x = x + drift(times[k], x) * h + diffusion(times[k], x) * h.sqrt() * noise[k]
+        states.append(x)
+    return torch.stack(states, dim=-2)
+
+
+def state_dependent():
+    def drift(t, x):
+        return torch.sin(x) - t * x
+
+    def diffusion(t, x):
+        return 0.5 + 0.3 * torch.tanh(x) ** 2 + 0.1 * t
+
+    return drift, diffusion
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_state_dependent_diffusion_matches_manual_chain(grid):
+    times = GRIDS[grid]
+    drift, diffusion = state_dependent()
+    x0 = t64([[0.1, -0.4], [1.0, 2.0], [0.0, 0.0]])
+    d = LatentDiffusion(drift, diffusion, x0, times)
+    noise = torch.randn((times.shape[0] - 1, 4, 3, 2), dtype=DTYPE)
+    path = solve(drift, diffusion, x0.expand(4, 3, 2), times, noise)
+    assert torch.allclose(path, _manual_chain_sample(drift, diffusion, x0, times, noise),
+                          atol=1e-12)
+    expected = _manual_chain_log_prob(drift, diffusion, x0, times, path)
+    assert torch.allclose(d.log_prob(path), expected, atol=1e-10)
+
+
+def test_rsample_marginals_match_exact_within_four_standard_errors():
+    problem = linear_problem(GRIDS["non-uniform"])
+    n = 20000
+    paths = problem.distribution().sample((n,))
+    means, covs = problem.marginals()
+    variances = covs.diagonal(dim1=-2, dim2=-1)
+    mean_se = (variances / n).sqrt()
+    var_se = variances * math.sqrt(2.0 / (n - 1))
+    assert ((paths.mean(0) - means).abs() < 4 * mean_se).all()
+    assert ((paths.var(0) - variances).abs() < 4 * var_se).all()
+
+
+def test_rsample_is_reparameterised():
+    theta = torch.tensor(0.7, dtype=DTYPE, requires_grad=True)
+    d = LatentDiffusion(lambda t, x: -theta * x, 1.0, t64([1.0]), GRIDS["uniform"])
+    d.rsample((8,))[..., -1, 0].sum().backward()
+    assert theta.grad is not None and theta.grad.abs() > 0
+
+
+def test_batch_shapes_and_expand():
+    drift, diffusion = state_dependent()
+    sigma = t64([[0.5, 1.0], [1.5, 2.0], [1.0, 1.0]])  # per-series, per-dimension
+    d = LatentDiffusion(drift, sigma, t64([0.0, 1.0]), GRIDS["uniform"])
+    assert d.batch_shape == (3,) and d.event_shape == (10, 2)
+    assert d.rsample((4,)).shape == (4, 3, 10, 2)
+    e = d.expand((5, 3))
+    assert e.batch_shape == (5, 3)
+    x = e.sample()
+    assert x.shape == (5, 3, 10, 2)
+    assert torch.allclose(e.log_prob(x)[2], d.log_prob(x[2]))
+
+
+def test_drift_closing_over_batched_parameter():
+    """The drift sees the distribution's batch shape, time axis leftmost in log_prob."""
+    theta = t64([0.5, 1.0, 2.0, 4.0]).reshape(4, 1, 1)  # (P, 1, 1)
+    x0 = torch.zeros(3, 1, dtype=DTYPE)  # a plate of 3 series
+    d = LatentDiffusion(lambda t, x: -theta * x, 1.0, x0, GRIDS["uniform"])
+    assert d.batch_shape == (4, 3)
+    path = d.sample()
+    for p in range(4):
+        single = LatentDiffusion(lambda t, x, p=p: -theta[p] * x, 1.0, x0, GRIDS["uniform"])
+        assert torch.allclose(d.log_prob(path)[p], single.log_prob(path[p]))
+
+
+def ou_model(y, num_series=3):
+    theta = pyro.sample("theta", dist.LogNormal(0.0, 0.5))
+    with pyro.plate("series", num_series):
+        path = pyro.sample(
+            "path",
+            LatentDiffusion(lambda t, x: -theta.unsqueeze(-1) * x, 1.0,
+                            torch.zeros(num_series, 1, dtype=DTYPE), GRIDS["uniform"]),
+        )
+        pyro.sample("y", dist.Normal(path[..., -1, 0], 0.5), obs=y)
+
+
+def ou_guide(y, num_series=3):
+    loc = pyro.param("loc", torch.tensor(0.0, dtype=DTYPE))
+    theta = pyro.sample("theta", dist.LogNormal(loc, 0.3))
+    with pyro.plate("series", num_series):
+        pyro.sample(
+            "path",
+            LatentDiffusion(lambda t, x: -theta.unsqueeze(-1) * x + 0.1, 1.0,
+                            torch.zeros(num_series, 1, dtype=DTYPE), GRIDS["uniform"]),
+        )
+
+
+@pytest.mark.parametrize(
+    "elbo",
+    [Trace_ELBO(num_particles=4, vectorize_particles=True), Trace_ELBO(num_particles=2),
+     RenyiELBO(alpha=0.5, num_particles=4, vectorize_particles=True)],
+    ids=["vectorized", "sequential", "renyi"],
+)
+def test_works_under_pyro_elbos(elbo):
+    y = t64([0.3, -0.2, 1.0])
+    loss = elbo.loss_and_grads(ou_model, ou_guide, y)
+    assert math.isfinite(loss)
+    assert pyro.param("loc").grad is not None
+
+
+def test_predictive_parallel_and_replay():
+    y = t64([0.3, -0.2, 1.0])
+    samples = Predictive(ou_model, guide=ou_guide, num_samples=7, parallel=True)(y)
+    assert samples["path"].shape == (7, 3, 10, 1)
+    guide_trace = poutine.trace(ou_guide).get_trace(y)
+    model_trace = poutine.trace(poutine.replay(ou_model, trace=guide_trace)).get_trace(y)
+    assert torch.equal(model_trace.nodes["path"]["value"], guide_trace.nodes["path"]["value"])
+    model_trace.compute_log_prob()
+    assert model_trace.nodes["path"]["log_prob"].shape == (3,)
+
+
+def bad(match):
+    return pytest.raises((ValueError, TypeError), match=match)
+
+
+def good_args():
+    return dict(drift=lambda t, x: -x, diffusion=1.0, x0=t64([0.0]), times=GRIDS["uniform"])
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(times=GRIDS["uniform"].reshape(1, -1)), r"`times`.*1-D.*actual shape \(1, 11\)"),
+        (dict(times=t64([0.0])), r"`times`.*at least 2 points"),
+        (dict(times=t64([0.0, 0.5, 0.5, 1.0])), r"`times`.*strictly increasing.*times\[1\]"),
+        (dict(times=t64([0.0, 1.0, 0.5])), r"`times`.*strictly increasing"),
+        (dict(times=t64([0.0, float("nan")])), r"`times`.*finite"),
+        (dict(times=[0.0, 1.0]), r"`times`.*torch.Tensor"),
+        (dict(x0=t64(0.0)), r"`x0`.*state_dim.*actual shape \(\)"),
+        (dict(x0=t64([float("inf")])), r"`x0`.*finite"),
+        (dict(x0=torch.zeros(1)), r"`x0` and `times`.*dtype"),
+        (dict(drift=lambda t, x: torch.zeros(2, dtype=DTYPE)), r"`drift.*last dimension.*\(2,\)"),
+        (dict(drift=lambda t, x: torch.zeros(3, 1, dtype=DTYPE), x0=torch.zeros(2, 1,
+                                                                            dtype=DTYPE)),
+         r"`drift.*shaped like x"),
+        (dict(drift=lambda t, x: x * float("nan")), r"`drift.*finite"),
+        (dict(drift=3.0), r"`drift`.*callable"),
+        (dict(diffusion=-1.0), r"`diffusion`.*positive"),
+        (dict(diffusion=0.0), r"`diffusion`.*positive"),
+        (dict(diffusion=t64([1.0, 2.0])), r"`diffusion`.*\(\.\.\., 1\)"),
+        (dict(diffusion=lambda t, x: -torch.ones_like(x)), r"`diffusion.*positive"),
+        (dict(diffusion=lambda t, x: torch.ones(2, dtype=DTYPE)), r"`diffusion.*last dimension"),
+        (dict(diffusion="1.0"), r"`diffusion`.*float"),
+    ],
+)
+def test_contract_errors_name_the_argument(change, match):
+    with bad(match):
+        LatentDiffusion(**{**good_args(), **change})
+
+
+@pytest.mark.parametrize("validate_args", [True, False])
+def test_log_prob_checks_value_shape(validate_args):
+    d = LatentDiffusion(**good_args(), validate_args=validate_args)
+    with bad(r"`value`.*\(\.\.\., 10, 1\).*actual shape \(9, 1\)"):
+        d.log_prob(torch.zeros(9, 1, dtype=DTYPE))
