@@ -22,14 +22,18 @@ def _shape(x) -> tuple:
 
 def _check_times(times) -> None:
     if not isinstance(times, Tensor):
-        raise TypeError(f"Expected `times` to be a torch.Tensor, actual type {type(times).__name__}")
+        raise TypeError(
+            f"Expected `times` to be a torch.Tensor, actual type {type(times).__name__}"
+        )
     if times.dim() != 1 or times.shape[0] < 2:
         raise ValueError(
             "Expected `times` to be a 1-D tensor of at least 2 points, "
             f"actual shape {_shape(times)}"
         )
     if not times.is_floating_point():
-        raise ValueError(f"Expected `times` to be a floating point tensor, actual dtype {times.dtype}")
+        raise ValueError(
+            f"Expected `times` to be a floating point tensor, actual dtype {times.dtype}"
+        )
     if not torch.isfinite(times).all():
         raise ValueError(f"Expected `times` to be finite, actual values {times.tolist()}")
     steps = times.diff()

@@ -24,7 +24,8 @@ class NeuralDrift(nn.Module):
     zero, so a controlled drift ``b + sigma * c`` starts at the prior drift ``b``.
 
     ``t`` is a 0-d tensor, or has shape ``(N, 1, ..., 1)`` with as many dimensions as
-    ``x`` (the layout :class:`~pyro_latdiff.LatentDiffusion` uses in ``log_prob``); ``context`` has shape ``(..., context_dim)`` broadcasting with
+    ``x`` (the layout :class:`~pyro_latdiff.LatentDiffusion` uses in ``log_prob``);
+    ``context`` has shape ``(..., context_dim)`` broadcasting with
     ``x.shape[:-1]``. The output has shape ``x.shape[:-1] + (out_dim,)``.
 
     Example::
@@ -71,7 +72,7 @@ class NeuralDrift(nn.Module):
         )
         widths = [state_dim + 2 * num_frequencies + context_dim, *hidden_dims]
         layers: list[nn.Module] = []
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
+        for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
             layers += [nn.Linear(w_in, w_out), nn.SiLU()]
         last = nn.Linear(widths[-1], out_dim)
         nn.init.zeros_(last.weight)
