@@ -105,19 +105,22 @@ def _outer_batch_shape() -> torch.Size:
 
 
 def _auto_context(path_site: dict, trace, path_names: set[str]) -> list[Tensor]:
-    """Observed values in the path's plates, one ``batch + (features,)`` tensor per site.
+    """The values of the other sites that share the path's plates: observations and the
+    guide's values of the other latents, one ``batch + (features,)`` tensor per site.
 
-    Dimensions of plates the path is not in (e.g. several observations per path) are
-    folded into the features; a singleton stays in their place.
+    A site shares the path's plates if its plates contain them (e.g. the observations
+    of each path) or are contained in them (e.g. a global parameter). Dimensions of
+    plates the path is not in (several observations per path) are folded into the
+    features, leaving a singleton in their place.
     """
     path_frames = {f.name for f in path_site["cond_indep_stack"] if f.vectorized}
     pieces = []
     for name, site in trace.nodes.items():
-        if (site["type"] != "sample" or not site["is_observed"] or name in path_names
-                or site_is_subsample(site)):
+        if site["type"] != "sample" or name in path_names or site_is_subsample(site):
             continue
         frames = [f for f in site["cond_indep_stack"] if f.vectorized]
-        if not path_frames <= {f.name for f in frames}:
+        names = {f.name for f in frames}
+        if not (path_frames <= names or names <= path_frames):
             continue
         value = site["value"]
         event_dim = site["fn"].event_dim
@@ -229,8 +232,10 @@ class DiffusionGuide(AutoGuide):
     guide cannot when the observation is sharp. Everything starts at zero: at
     initialisation the guide's path law is the prior's.
 
-    The context is, by default, every observed value that sits in the path's plates
-    (one network then serves a plate of independent series); ``context`` overrides it
+    The context is, by default, the values of the other sites that share the path's
+    plates: its observations (one network then serves a plate of independent series)
+    and the guide's values of the other latents (so the control can follow a global
+    parameter); ``context`` overrides it
     with a callable ``context(*args, **kwargs)`` returning ``batch_shape + (C,)``, or
     ``None`` for no context. Other latent sites get a mean-field normal guide in
     unconstrained space, as :class:`~pyro.infer.autoguide.AutoNormal`.

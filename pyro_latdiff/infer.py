@@ -138,7 +138,9 @@ def fit(
     _check_count("num_particles", num_particles)
     optim = default_optim(num_steps) if optim is None else optim
     if loss is None:
-        loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
+        nesting = _guess_max_plate_nesting(model, guide, *args, **kwargs)
+        loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
+                          max_plate_nesting=nesting)
     svi = SVI(model, guide, optim, loss)
     losses: list[float] = []
     with tqdm(total=num_steps, disable=not progress, desc="SVI") as bar:

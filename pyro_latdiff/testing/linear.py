@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..distribution import LatentDiffusion
 
-__all__ = ["LinearSDE", "ou_problem"]
+__all__ = ["LinearSDE", "ou_problem", "ou_terminal_variance"]
 
 
 @dataclass
@@ -145,3 +145,13 @@ def ou_problem(
         H=t([[1.0]]),
         obs_scale=t([obs_scale]),
     )
+
+
+def ou_terminal_variance(rate: Tensor, sigma: float, times: Tensor) -> Tensor:
+    """Variance of ``x_N`` for the Euler chain of ``dX = -rate X dt + sigma dW`` from a
+    fixed ``x0``, vectorised over a tensor of ``rate`` values (for quadrature over a
+    rate parameter): ``v_{k+1} = (1 - rate h_k)^2 v_k + sigma^2 h_k``."""
+    variance = torch.zeros_like(rate)
+    for h in times.diff():
+        variance = (1 - rate * h) ** 2 * variance + sigma**2 * h
+    return variance

@@ -1,0 +1,20 @@
+import importlib
+
+import pytest
+
+import pyro_latdiff
+
+MODULES = ["pyro_latdiff", "pyro_latdiff.testing"]
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_all_names_resolve_and_are_sorted(module_name):
+    module = importlib.import_module(module_name)
+    assert list(module.__all__) == sorted(module.__all__)
+    for name in module.__all__:
+        assert getattr(module, name) is not None
+
+
+def test_contract_names_are_public():
+    for name in ["LatentDiffusion", "NeuralDrift", "DiffusionGuide", "log_evidence", "fit"]:
+        assert name in pyro_latdiff.__all__

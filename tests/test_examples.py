@@ -1,0 +1,27 @@
+"""Every example runs with --smoke; a script missing from the list fails the test."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = ["double_well.py", "global_parameter.py", "quickstart.py"]
+WRITES_FILES = {"quickstart.py"}
+
+
+def test_every_example_is_listed():
+    assert sorted(p.name for p in EXAMPLES_DIR.glob("*.py")) == sorted(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_runs_with_smoke(name, tmp_path):
+    spec = importlib.util.spec_from_file_location(name[:-3], EXAMPLES_DIR / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--smoke"] + (["--outdir", str(tmp_path)] if name in WRITES_FILES else [])
+    result = module.main(module.parse_args(argv))
+    assert isinstance(result, dict) and result
+    if name == "quickstart.py":
+        assert (tmp_path / "quickstart_paths.png").stat().st_size > 0
+        assert (tmp_path / "quickstart_loss.png").stat().st_size > 0

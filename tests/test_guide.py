@@ -1,0 +1,185 @@
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Predictive, Trace_ELBO
+from pyro.infer.importance import vectorized_importance_weights
+
+from pyro_latdiff import DiffusionGuide, LatentDiffusion, fit, log_evidence
+from pyro_latdiff.testing import LinearSDE, ou_problem
+
+DTYPE = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    torch.set_default_dtype(DTYPE)
+
+
+def linear_problem(obs_scale=0.3):
+    return LinearSDE(
+        A=torch.tensor([[-1.0, 0.5], [-0.3, -0.2]]),
+        c=torch.tensor([0.2, -0.1]),
+        sigma=torch.tensor([0.7, 1.3]),
+        x0=torch.tensor([0.5, -1.0]),
+        times=torch.tensor([0.0, 0.1, 0.15, 0.3, 0.5, 0.6, 0.8, 1.0]),
+        H=torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
+        obs_scale=torch.tensor([obs_scale, obs_scale]),
+    )
+
+
+def global_model(y, times):
+    """A global rate, a plate of series, terminal observations."""
+    theta = pyro.sample("theta", dist.LogNormal(0.0, 0.5))
+    with pyro.plate("series", y.shape[0]):
+        x0 = torch.zeros(y.shape[0], 1)
+        drift = lambda t, x: -theta.unsqueeze(-1) * x  # noqa: E731
+        path = pyro.sample("path", LatentDiffusion(drift, 1.0, x0, times))
+        pyro.sample("y", dist.Normal(path[..., -1, 0], 0.2), obs=y)
+
+
+def test_guide_at_initialisation_is_the_prior():
+    y = torch.tensor([0.5, -1.0, 2.0])
+    times = torch.linspace(0, 1, 11)
+    guide = DiffusionGuide(global_model)
+    guide_trace = poutine.trace(guide).get_trace(y, times)
+    model_trace = poutine.trace(poutine.replay(global_model, trace=guide_trace)).get_trace(
+        y, times)
+    path = guide_trace.nodes["path"]["value"]
+    q = guide_trace.nodes["path"]["fn"].log_prob(path)
+    p = model_trace.nodes["path"]["fn"].log_prob(path)
+    assert q.shape == (3,)
+    assert torch.allclose(q, p, atol=1e-10)
+
+
+def test_path_derivative_detaches_parameters_in_log_prob_only():
+    problem = linear_problem()
+    y = torch.tensor([0.3, 0.1])
+    for path_derivative in (True, False):
+        pyro.clear_param_store()
+        guide = DiffusionGuide(problem.model, path_derivative=path_derivative)
+        site = poutine.trace(guide).get_trace(y).nodes["path"]
+        params = list(guide.step_nets.parameters())
+        (dvalue,) = torch.autograd.grad(site["value"].sum(), params[-1], allow_unused=True)
+        assert dvalue is not None and dvalue.abs().sum() > 0  # reparameterised value
+        log_q = site["fn"].log_prob(site["value"].detach()).sum()
+        dscore = torch.autograd.grad(log_q, params, allow_unused=True)
+        scored = [g is not None and g.abs().sum() > 0 for g in dscore]
+        assert any(scored) is (not path_derivative)
+
+
+def test_distinct_guides_do_not_share_parameters():
+    problem = ou_problem()
+    y = torch.tensor([1.5])
+    first, second = DiffusionGuide(problem.model), DiffusionGuide(problem.model)
+    first(y), second(y)
+    names = list(pyro.get_param_store().keys())
+    assert len(names) == 2 * len(set(n.split(".", 1)[1] for n in names))
+
+
+def importance_log_weights(model, guide, *args, num_samples):
+    with torch.no_grad():
+        log_w, _, _ = vectorized_importance_weights(
+            model, guide, *args, num_samples=num_samples, max_plate_nesting=1)
+    return log_w
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_log_evidence_and_elbo_against_exact_evidence(trained):
+    problem = linear_problem()
+    y = torch.tensor([0.3, 0.1])
+    exact = problem.log_evidence(y).item()
+    guide = DiffusionGuide(problem.model)
+    if trained:
+        fit(problem.model, guide, y, num_steps=150, progress=False)
+    estimate = log_evidence(problem.model, guide, y, num_samples=20000, chunk_size=5000)
+    assert abs(estimate.item() - exact) < 3 * estimate.stderr
+    assert estimate.log_weights.shape == (20000,)
+    assert 0 < estimate.ess <= 20000
+    log_w = importance_log_weights(problem.model, guide, y, num_samples=20000)
+    elbo, elbo_se = log_w.mean().item(), log_w.std().item() / math.sqrt(20000)
+    assert elbo <= exact + 3 * elbo_se
+
+
+@pytest.mark.slow
+def test_bench_a_reaches_the_exact_discrete_posterior():
+    """Bench A: 1000 SVI steps, 16 particles, default optimiser."""
+    problem = ou_problem()
+    y = torch.tensor([1.5])
+    exact = problem.log_evidence(y).item()
+    mean, cov = problem.terminal_posterior(y)
+    guide = DiffusionGuide(problem.model)
+    fit(problem.model, guide, y, num_steps=1000, num_particles=16, progress=False)
+    log_w = importance_log_weights(problem.model, guide, y, num_samples=4000)
+    assert exact - log_w.mean().item() <= 0.05
+    with torch.no_grad():
+        terminal = Predictive(problem.model, guide=guide, num_samples=4000,
+                              parallel=True)(y)["path"][:, -1, 0]
+    assert abs(terminal.mean().item() - mean.item()) <= 0.02
+    assert abs(terminal.std().item() / cov.sqrt().item() - 1) <= 0.10
+
+
+def test_context_is_the_observations_and_latents_sharing_the_paths_plates():
+    y = torch.tensor([0.5, -1.0, 2.0])
+    times = torch.linspace(0, 1, 11)
+    guide = DiffusionGuide(global_model)
+    guide(y, times)
+    assert guide.step_nets["path"].net.context_dim == 2  # y_i and theta
+    # No context when asked for none; a callable context sets its own width.
+    assert DiffusionGuide(global_model, context=None).__call__(y, times)
+    custom = DiffusionGuide(global_model, context=lambda y, times: torch.stack([y, y**2], -1))
+    custom(y, times)
+    assert custom.step_nets["path"].net.context_dim == 2
+
+
+def repeated_observations_model(y, times):
+    """Each path observed at several times: a plate nested in the series plate."""
+    with pyro.plate("series", y.shape[-1], dim=-1):
+        x0 = torch.zeros(y.shape[-1], 1)
+        path = pyro.sample("path", LatentDiffusion(lambda t, x: -x, 1.0, x0, times))
+        with pyro.plate("obs_times", y.shape[-2], dim=-2):
+            observed = path[..., [4, 9], 0].transpose(-1, -2)  # (2, M)
+            pyro.sample("y", dist.Normal(observed, 0.3), obs=y)
+
+
+def test_nested_observations_are_folded_into_the_context():
+    y = torch.tensor([[0.1, 0.5, -0.2], [0.4, 1.0, -0.8]])  # (obs_times, series)
+    times = torch.linspace(0, 1, 11)
+    guide = DiffusionGuide(repeated_observations_model)
+    losses = fit(repeated_observations_model, guide, y, times, num_steps=60, progress=False)
+    assert guide.step_nets["path"].net.context_dim == 2
+    assert sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_guide_errors():
+    def no_paths(y):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def discrete(y):
+        pyro.sample("k", dist.Bernoulli(0.5))
+        pyro.sample("path", LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1),
+                                            torch.linspace(0, 1, 5)))
+
+    with pytest.raises(ValueError, match="at least one LatentDiffusion site.*'z'"):
+        DiffusionGuide(no_paths)(None)
+    with pytest.raises(ValueError, match="discrete.*site 'k'"):
+        DiffusionGuide(discrete)(None)
+    with pytest.raises(ValueError, match="`context`"):
+        DiffusionGuide(no_paths, context="observed")
+    with pytest.raises(ValueError, match="`num_samples`"):
+        log_evidence(no_paths, no_paths, None, num_samples=0)
+    with pytest.raises(ValueError, match="`num_steps`"):
+        fit(no_paths, no_paths, None, num_steps=0)
+
+
+def test_plain_svi_works_with_the_guide():
+    problem = ou_problem(num_steps=10)
+    y = torch.tensor([1.5])
+    guide = DiffusionGuide(problem.model)
+    svi = pyro.infer.SVI(problem.model, guide, pyro.optim.Adam({"lr": 1e-2}),
+                         Trace_ELBO(num_particles=4, vectorize_particles=True))
+    losses = [svi.step(y) for _ in range(30)]
+    assert all(math.isfinite(v) for v in losses)
