@@ -70,15 +70,27 @@ class NeuralDrift(nn.Module):
         self.register_buffer(
             "frequencies", math.pi * torch.arange(1, num_frequencies + 1, dtype=torch.float)
         )
-        widths = [state_dim + 2 * num_frequencies + context_dim, *hidden_dims]
+        # The first layer acts on [x, time features, context]; it is split into three
+        # maps whose outputs broadcast, so no input is expanded or concatenated.
+        widths = [*hidden_dims, out_dim]
+        sizes = [state_dim, 2 * num_frequencies, context_dim]
+        first = nn.Linear(sum(sizes), widths[0])  # initialised as one layer on the whole input
+        self.input_x = nn.Linear(state_dim, widths[0])
+        self.input_time = nn.Linear(sizes[1], widths[0], bias=False) if sizes[1] else None
+        self.input_context = nn.Linear(context_dim, widths[0], bias=False) if context_dim else None
+        with torch.no_grad():
+            self.input_x.bias.copy_(first.bias)
+            parts = (self.input_x, self.input_time, self.input_context)
+            for part, weight in zip(parts, first.weight.split(sizes, 1), strict=True):
+                if part is not None:
+                    part.weight.copy_(weight)
         layers: list[nn.Module] = []
         for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
-            layers += [nn.Linear(w_in, w_out), nn.SiLU()]
-        last = nn.Linear(widths[-1], out_dim)
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        layers.append(last)
-        self.net = nn.Sequential(*layers)
+            layers += [nn.SiLU(), nn.Linear(w_in, w_out)]
+        self.hidden = nn.Sequential(*layers)
+        for module in layers[-1:] or parts:  # zero output layer: c = 0 at initialisation
+            for param in [] if module is None else module.parameters():
+                nn.init.zeros_(param)
 
     def time_features(self, t: Tensor) -> Tensor:
         """Fourier features of ``t``, shape ``t.shape + (2F,)``."""
@@ -88,18 +100,15 @@ class NeuralDrift(nn.Module):
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
     def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
-        batch = x.shape[:-1]
         if t.dim():
             t = t[..., 0]  # drop the state axis of (N, 1, ..., 1)
-        features = self.time_features(t.to(x.dtype))
+        hidden = self.input_x(x)
+        if self.input_time is not None:
+            hidden = hidden + self.input_time(self.time_features(t.to(x.dtype)))
         if self.context_dim:
             if context is None:
                 raise ValueError(
                     f"Expected `context` of shape (..., {self.context_dim}), actual None"
                 )
-            batch = torch.broadcast_shapes(batch, context.shape[:-1])
-            inputs = [x.expand(batch + x.shape[-1:]), features.expand(batch + features.shape[-1:]),
-                      context.expand(batch + context.shape[-1:])]
-        else:
-            inputs = [x, features.expand(batch + features.shape[-1:])]
-        return self.net(torch.cat(inputs, dim=-1))
+            hidden = hidden + self.input_context(context)
+        return self.hidden(hidden)
