@@ -4,7 +4,8 @@ Problem: the Beneš SDE ``dX = a tanh(a X) dt + dW``, ``X_0 = 0.5``, ``T = 1``,
 ``g = cos`` (``a = 1`` is the classical one). Since ``b' + b^2 = a^2`` is constant,
 its transition density is known in closed form,
 ``p_T(x | x0) = cosh(a x) / cosh(a x0) e^{-a^2 T / 2} N(x; x0, T)``, which gives
-``E cos X_T = (e^{a x0} cos(x0 + aT) + e^{-a x0} cos(x0 - aT)) e^{-T/2} / (2 cosh(a x0))``.
+``E cos X_T = (e^{a x0} cos(x0 + aT) + e^{-a x0} cos(x0 - aT)) e^{-T/2} / (2 cosh(a x0))``
+(:mod:`pyro_latdiff.testing.benes`; the OU of Table 3 is :mod:`pyro_latdiff.testing.ou`).
 The drift's Lipschitz constant is ``a^2``: ``a`` sets how hard the problem is.
 
 Cost is counted in drift evaluations (one per sample per Euler step; the
@@ -41,6 +42,12 @@ import os
 import numpy as np
 import torch
 
+from pyro_latdiff.testing import (
+    benes_drift,
+    benes_expectation_cos,
+    ou_drift,
+    ou_expectation_cos,
+)
 from pyro_latdiff.unbiased import (
     ExponentialArrivals,
     PowerArrivals,
@@ -55,29 +62,13 @@ RATIO_BUDGETS = tuple(10.0**k for k in range(2, 10))
 EMPIRICAL_BUDGET = 1e4
 
 
-def benes_drift(a: float):
-    def drift(t, x):
-        return a * torch.tanh(a * x)
-
-    return drift
-
-
-def ou_drift(t, x):
-    return -x
-
-
 def cos(x):
     return torch.cos(x[..., 0])
 
 
 def benes_cos_exact(a: float, x0: float = X0, t: float = T) -> float:
-    c = math.exp(a * x0) * math.cos(x0 + a * t) + math.exp(-a * x0) * math.cos(x0 - a * t)
-    return c * math.exp(-t / 2.0) / (2.0 * math.cosh(a * x0))
-
-
-def ou_cos_exact(x0: float = 1.0, t: float = T, rate: float = 1.0) -> float:
-    m, v = x0 * math.exp(-rate * t), (1.0 - math.exp(-2.0 * rate * t)) / (2.0 * rate)
-    return math.exp(-v / 2.0) * math.cos(m)
+    """``E cos X_T`` for the Beneš SDE of scale ``a``, in closed form."""
+    return benes_expectation_cos(x0, t, a=a)
 
 
 def euler_exact_moments(a: float, num_steps: int, dx: float) -> tuple[float, float]:
@@ -193,7 +184,7 @@ def best_euler(rows, budget: float):
 def rate_scan(num_samples: int, laws):
     problems = [
         ("benes a=1", benes_drift(1.0), X0, benes_cos_exact(1.0)),
-        ("ou", ou_drift, 1.0, ou_cos_exact()),
+        ("ou", ou_drift(1.0), 1.0, ou_expectation_cos(1.0, T, rate=1.0)),
     ]
     out = []
     for problem, drift, x0, exact in problems:

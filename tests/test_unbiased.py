@@ -2,9 +2,11 @@
 
 Reference problems (sigma = 1 unless stated):
 
-- Ornstein–Uhlenbeck ``dX = -a X dt + dW``: ``X_T ~ N(x0 e^{-aT}, (1 - e^{-2aT}) / (2a))``.
+- Ornstein–Uhlenbeck ``dX = -a X dt + dW``: ``X_T ~ N(x0 e^{-aT}, (1 - e^{-2aT}) / (2a))``
+  (:mod:`pyro_latdiff.testing.ou`).
 - Beneš ``dX = tanh(X) dt + dW``: ``p_T(x | x0) = cosh(x) / cosh(x0) e^{-T/2} N(x; x0, T)``,
-  so ``E g(X_T) = E_{Z ~ N(x0, T)}[g(Z) cosh Z] e^{-T/2} / cosh(x0)`` (Gauss–Hermite).
+  closed forms of ``E cos X_T``, ``E sin X_T`` (:mod:`pyro_latdiff.testing.benes`; the
+  references themselves are checked in ``tests/test_testing.py``).
 - A 2-D linear SDE ``dX = A X dt + diag(s) dW`` (matrix exponential, Van Loan).
 
 Each estimate must lie within 3.5 standard errors of the exact value; on the same
@@ -23,6 +25,14 @@ import scipy.linalg
 import torch
 
 import pyro_latdiff.unbiased as unbiased
+from pyro_latdiff.testing import (
+    benes_drift,
+    benes_expectation_cos,
+    benes_expectation_sin,
+    ou_drift,
+    ou_expectation_cos,
+    ou_terminal_moments,
+)
 from pyro_latdiff.unbiased import (
     ExponentialArrivals,
     PowerArrivals,
@@ -42,40 +52,11 @@ EULER_MIN_Z = 5.0  # 10-step Euler must be at least this many of its stderrs off
 # --------------------------------------------------------------------------- problems
 
 
-def _ou_moments(a: float, t: float, x0: float) -> tuple[float, float]:
-    return x0 * math.exp(-a * t), (1.0 - math.exp(-2.0 * a * t)) / (2.0 * a)
-
-
-def _benes_gauss_hermite(g, x0: float, t: float, order: int = 120) -> float:
-    """``E g(X_T)`` for the Beneš SDE by Gauss–Hermite quadrature (probabilists')."""
-    nodes, weights = np.polynomial.hermite_e.hermegauss(order)
-    z = x0 + math.sqrt(t) * nodes
-    mean = np.sum(weights * g(z) * np.cosh(z)) / math.sqrt(2.0 * math.pi)
-    return float(mean * math.exp(-t / 2.0) / math.cosh(x0))
-
-
-def _benes_cos_sin(x0: float, t: float) -> tuple[float, float]:
-    """Closed forms of ``E cos X_T`` and ``E sin X_T`` for the Beneš SDE.
-
-    ``E[e^{(i +- 1) Z}]`` for ``Z ~ N(x0, T)`` gives ``E[e^{iZ} cosh Z] =
-    (e^{x0 + i(x0 + T)} + e^{-x0 + i(x0 - T)}) / 2``.
-    """
-    scale = math.exp(-t / 2.0) / (2.0 * math.cosh(x0))
-    c = math.exp(x0) * math.cos(x0 + t) + math.exp(-x0) * math.cos(x0 - t)
-    s = math.exp(x0) * math.sin(x0 + t) + math.exp(-x0) * math.sin(x0 - t)
-    return c * scale, s * scale
-
-
 A_OU, T_OU, X0_OU = 1.0, 1.0, 1.0
 X0_BENES, T_BENES = 0.5, 1.0
 
-
-def _ou_drift(t, x):
-    return -A_OU * x
-
-
-def _benes_drift(t, x):
-    return torch.tanh(x)
+_ou_drift = ou_drift(A_OU)
+_benes_drift = benes_drift()
 
 
 def _cos(x):
@@ -91,10 +72,12 @@ def _square(x):
 
 
 def _problems():
-    m, v = _ou_moments(A_OU, T_OU, X0_OU)
-    benes_cos, benes_sin = _benes_cos_sin(X0_BENES, T_BENES)
+    m, v = ou_terminal_moments(X0_OU, T_OU, rate=A_OU)
+    ou_cos = ou_expectation_cos(X0_OU, T_OU, rate=A_OU)
+    benes_cos = benes_expectation_cos(X0_BENES, T_BENES)
+    benes_sin = benes_expectation_sin(X0_BENES, T_BENES)
     return {
-        "ou-cos": (_ou_drift, X0_OU, T_OU, _cos, math.exp(-v / 2.0) * math.cos(m)),
+        "ou-cos": (_ou_drift, X0_OU, T_OU, _cos, ou_cos),
         "ou-square": (_ou_drift, X0_OU, T_OU, _square, m * m + v),
         "benes-cos": (_benes_drift, X0_BENES, T_BENES, _cos, benes_cos),
         "benes-sin": (_benes_drift, X0_BENES, T_BENES, _sin, benes_sin),
@@ -117,21 +100,6 @@ def _z(result, exact) -> float:
 
 def _x0(value: float) -> torch.Tensor:
     return torch.tensor([value], dtype=DTYPE)
-
-
-# --------------------------------------------------------------------------- references
-
-
-def test_benes_references_agree():
-    """The Gauss–Hermite reference and the closed forms agree, and the density
-    integrates to one."""
-    for x0, t in [(0.5, 1.0), (0.0, 2.0), (-1.0, 0.3)]:
-        c, s = _benes_cos_sin(x0, t)
-        assert _benes_gauss_hermite(np.cos, x0, t) == pytest.approx(c, abs=1e-12)
-        assert _benes_gauss_hermite(np.sin, x0, t) == pytest.approx(s, abs=1e-12)
-        assert _benes_gauss_hermite(np.ones_like, x0, t) == pytest.approx(1.0, abs=1e-12)
-        mean = x0 + t * math.tanh(x0)
-        assert _benes_gauss_hermite(lambda z: z, x0, t) == pytest.approx(mean, abs=1e-12)
 
 
 # --------------------------------------------------------------------------- parametrix
@@ -390,7 +358,7 @@ def test_rmlmc_level_zero_only_is_one_step_euler():
 def test_likelihood_of_ou_with_gaussian_observation():
     """``p(y) = N(y; m, v + s^2)`` for ``y ~ N(X_T, s^2)`` under OU."""
     y, s = 0.9, 0.5
-    m, v = _ou_moments(A_OU, T_OU, X0_OU)
+    m, v = ou_terminal_moments(X0_OU, T_OU, rate=A_OU)
     exact = math.exp(-((y - m) ** 2) / (2 * (v + s * s))) / math.sqrt(2 * math.pi * (v + s * s))
 
     def log_lik(x):

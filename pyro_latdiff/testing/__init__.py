@@ -1,5 +1,29 @@
 """Reference problems with closed-form answers, shared by tests, examples and users."""
 
+from .benes import (
+    benes_drift,
+    benes_expectation,
+    benes_expectation_cos,
+    benes_expectation_sin,
+    benes_terminal_distribution,
+    benes_terminal_moments,
+    benes_transition_density,
+)
 from .linear import LinearSDE, ou_problem, ou_terminal_variance
+from .ou import ou_drift, ou_expectation_cos, ou_terminal_moments
 
-__all__ = ["LinearSDE", "ou_problem", "ou_terminal_variance"]
+__all__ = [
+    "LinearSDE",
+    "benes_drift",
+    "benes_expectation",
+    "benes_expectation_cos",
+    "benes_expectation_sin",
+    "benes_terminal_distribution",
+    "benes_terminal_moments",
+    "benes_transition_density",
+    "ou_drift",
+    "ou_expectation_cos",
+    "ou_problem",
+    "ou_terminal_moments",
+    "ou_terminal_variance",
+]
