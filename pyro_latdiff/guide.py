@@ -170,33 +170,39 @@ class _ControlledChain:
         self.net = net
         self.tables = tables
         self.context = context
-        self.bridge = bridge
-        self.grid = prior.times[:-1]
+        self.bridge = None
+        if bridge is not None:  # g(x) = grad + H (x - reference) = offset + H x
+            grad, hessian, reference = bridge
+            self.bridge = (grad - (hessian @ reference.unsqueeze(-1)).squeeze(-1), hessian)
+        sigma = prior.diffusion
+        self.sigma = None if callable(sigma) else torch.as_tensor(
+            sigma, dtype=prior.x0.dtype, device=prior.x0.device)
+        # Simulation calls come one grid time at a time: look the step up by value.
+        self._step_of_time = {t: k for k, t in enumerate(prior.times[:-1].tolist())}
+        self._rows: tuple[Tensor, ...] | None = None
         self._cache: tuple = (None, None, None)
 
-    def _sigma(self, t: Tensor, x: Tensor) -> Tensor:
-        sigma = self.prior.diffusion
-        if callable(sigma):
-            return sigma(t, x)
-        return torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-
     def _step_tables(self, t: Tensor) -> Tensor:
+        """The tables of the step at ``t``: ``(4, D)`` for a 0-d ``t``, else the whole
+        grid laid out as ``(N, 1, ..., 1, 4, D)`` for ``t`` of shape ``(N, 1, ..., 1)``."""
         if t.dim() == 0:
-            return self.tables[torch.searchsorted(self.grid, t.reshape(1))[0]]
-        index = torch.searchsorted(self.grid, t.reshape(-1)).reshape(t.shape[:-1])
-        return self.tables[index]  # t.shape[:-1] + (4, D)
+            if self._rows is None:
+                self._rows = self.tables.unbind(0)
+            return self._rows[self._step_of_time[t.item()]]
+        ones = (1,) * (t.dim() - 2)
+        return self.tables.reshape(self.tables.shape[:1] + ones + self.tables.shape[1:])
 
     def evaluate(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         if self._cache[0] is t and self._cache[1] is x:
             return self._cache[2]
-        sigma = self._sigma(t, x)
+        sigma = self.prior.diffusion(t, x) if self.sigma is None else self.sigma
         out = self.net(t, x, self.context)
         control, log_scale = out.chunk(2, dim=-1)
         alpha, gamma, delta, beta = self._step_tables(t).unbind(-2)
         control = control + gamma * x + delta
         if self.bridge is not None:
-            grad, hessian, reference = self.bridge
-            g = grad + ((x - reference).unsqueeze(-2) * hessian).sum(-1)
+            offset, hessian = self.bridge
+            g = offset + (hessian @ x.unsqueeze(-1)).squeeze(-1)
             control = control + alpha * sigma * g
         result = (self.prior.drift(t, x) + sigma * control,
                   sigma * torch.exp(beta + log_scale))
