@@ -266,6 +266,9 @@ class DiffusionGuide(AutoGuide):
     :param callable init_loc_fn: initialisation of the non-path latent sites.
     :param float init_scale: initial scale of the non-path latent sites.
     :param callable create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`.
+    :param str name: prefix of the guide's parameter names in Pyro's parameter store;
+        unique per instance by default. Give one to reload saved parameters into a new
+        guide (e.g. to resume a fit in the same process).
 
     References: Tzen & Raginsky (2019); Whitaker, Golightly, Boys & Sherlock (2017),
     *Improved bridge constructs for stochastic differential equations*; Zhang & Chen
@@ -284,6 +287,7 @@ class DiffusionGuide(AutoGuide):
         init_loc_fn: Callable = init_to_feasible,
         init_scale: float = 0.1,
         create_plates: Callable | None = None,
+        name: str | None = None,
     ):
         if not callable(model):
             raise TypeError(f"Expected `model` to be callable, actual {type(model).__name__}")
@@ -302,10 +306,14 @@ class DiffusionGuide(AutoGuide):
         self.init_loc_fn = init_loc_fn
         self.init_scale = float(init_scale)
         self._unwrapped_model = (model,)  # a tuple: a model that is an nn.Module stays out
-        index = next(_instance_counter)
-        # Unique parameter names: a second guide in one process must not share the
-        # first one's parameters.
-        self._pyro_name = "DiffusionGuide" if index == 0 else f"DiffusionGuide_{index}"
+        if name is None:
+            # Unique parameter names: a second guide in one process must not share the
+            # first one's parameters.
+            index = next(_instance_counter)
+            name = "DiffusionGuide" if index == 0 else f"DiffusionGuide_{index}"
+        elif not isinstance(name, str) or not name or "$$$" in name:
+            raise ValueError(f"Expected `name` to be a non-empty str, actual {name!r}")
+        self._pyro_name = name
 
     @staticmethod
     def _prototype_hide_fn(msg):

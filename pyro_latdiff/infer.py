@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import random
+import tempfile
 from collections.abc import Callable
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -14,7 +18,7 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["default_optim", "fit", "log_evidence"]
+__all__ = ["FitDivergedError", "default_optim", "fit", "log_evidence"]
 
 
 def _check_count(name: str, value, minimum: int = 1) -> None:
@@ -111,6 +115,86 @@ def default_optim(num_steps: int, lr: float = 1e-2, final_lr: float = 1e-3) -> P
     )
 
 
+class FitDivergedError(FloatingPointError):
+    """Raised by :func:`fit` when the loss or a gradient is not finite.
+
+    The parameters and optimiser state are left as they were after the last finite
+    step (the non-finite update is never applied).
+
+    :ivar int step: the step (0-based) whose loss or gradients were not finite.
+    :ivar list losses: the losses of the steps before it.
+    """
+
+    def __init__(self, message: str, step: int, losses: list[float]):
+        super().__init__(message)
+        self.step = step
+        self.losses = losses
+
+
+def _nonfinite_sites(model, guide, args, kwargs) -> list[str]:
+    """Sites whose value or log-density is not finite in one guide/model run."""
+    bad = []
+    with poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs)
+        for trace in (guide_trace, model_trace):
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample" or name in bad:
+                    continue
+                value = site["value"]
+                if isinstance(value, Tensor) and not torch.isfinite(value).all():
+                    bad.append(name)
+                    continue
+                log_prob = site["fn"].log_prob(value)
+                if not torch.isfinite(log_prob).all():
+                    bad.append(name)
+    return bad
+
+
+def _diverged(step, loss, bad_params, model, guide, args, kwargs, losses):
+    what = f"the loss is {loss}" if not math.isfinite(loss) else (
+        f"gradients of {bad_params} are not finite")
+    try:
+        sites = _nonfinite_sites(model, guide, args, kwargs)
+    except Exception as error:  # the diagnosis must not hide the divergence
+        sites = [f"<diagnosis failed: {type(error).__name__}>"]
+    where = f"non-finite values or densities at sites {sites}" if sites else (
+        "no site is non-finite on a fresh draw (a rare draw diverged)")
+    return FitDivergedError(
+        f"fit stopped at step {step}: {what}; {where}. Likely cause: a learning rate too "
+        "large for this model or a stiff drift (paths blow up within one Euler step): "
+        "lower the learning rate, pass clip_norm, or refine the time grid. The parameters "
+        f"and optimiser state are those after step {step - 1}, the last finite one.",
+        step, losses)
+
+
+def _save_checkpoint(path: str, svi: SVI, step: int, losses: list[float], rng) -> None:
+    state = {
+        "step": step,
+        "losses": list(losses),
+        "params": pyro.get_param_store().get_state(),
+        "optim": svi.optim.get_state(),
+        "rng": rng,
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as handle:
+        torch.save(state, handle)
+        temporary = handle.name
+    os.replace(temporary, path)  # atomic: a reader sees the old or the new file
+
+
+def _rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
 def fit(
     model: Callable,
     guide: Callable,
@@ -119,23 +203,52 @@ def fit(
     optim: PyroOptim | None = None,
     loss: pyro.infer.ELBO | None = None,
     num_particles: int = 16,
+    clip_norm: float | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    callback: Callable[[int, float], None] | None = None,
     progress: bool = True,
     **kwargs,
 ) -> list[float]:
     """Fit ``guide`` (and any model parameters) with :class:`pyro.infer.SVI`.
 
-    A thin loop: plain ``SVI(model, guide, optim, loss).step(...)`` works as well.
+    A thin loop around the SVI step (plain ``SVI(model, guide, optim, loss).step``
+    works as well) that adds:
 
-    :param int num_steps: number of SVI steps.
+    - **divergence safety**: a non-finite loss or gradient stops the run with a
+      :class:`FitDivergedError` naming the step, the sites and the likely cause; the
+      non-finite update is never applied, so nothing learned is lost;
+    - optional clipping of the total gradient norm (``clip_norm``);
+    - **checkpoints**: with ``checkpoint=path``, the parameter store, optimiser state,
+      random state and loss history are saved atomically every ``checkpoint_every``
+      steps, at the end, and when the run is interrupted (e.g. ``KeyboardInterrupt``);
+      a later call with the same ``path`` resumes where it stopped. On CPU with a
+      fixed seed, an interrupted and resumed run is bit-identical to an uninterrupted
+      one.
+
+    :param int num_steps: total number of SVI steps (including those of a resumed run).
     :param optim: a Pyro optimiser; :func:`default_optim` if omitted.
     :param loss: an ELBO; ``Trace_ELBO(num_particles, vectorize_particles=True)`` if
         omitted.
     :param int num_particles: particles of the default loss.
+    :param float clip_norm: clip the total gradient norm to this value.
+    :param checkpoint: file to save to and resume from.
+    :param int checkpoint_every: steps between checkpoints.
+    :param callable callback: ``callback(step, loss)`` after every step.
     :param bool progress: show a tqdm progress bar with the running loss.
     :returns: the loss (negative ELBO estimate) at every step.
+    :raises FitDivergedError: if a loss or gradient is not finite.
     """
     _check_count("num_steps", num_steps)
     _check_count("num_particles", num_particles)
+    _check_count("checkpoint_every", checkpoint_every)
+    if clip_norm is not None and not (isinstance(clip_norm, (int, float))
+                                      and math.isfinite(clip_norm) and clip_norm > 0):
+        raise ValueError(
+            f"Expected `clip_norm` to be a positive float or None, actual {clip_norm!r}"
+        )
+    if callback is not None and not callable(callback):
+        raise TypeError(f"Expected `callback` to be callable, actual {type(callback).__name__}")
     optim = default_optim(num_steps) if optim is None else optim
     if loss is None:
         nesting = _guess_max_plate_nesting(model, guide, *args, **kwargs)
@@ -143,10 +256,55 @@ def fit(
                           max_plate_nesting=nesting)
     svi = SVI(model, guide, optim, loss)
     losses: list[float] = []
-    with tqdm(total=num_steps, disable=not progress, desc="SVI") as bar:
-        for step in range(num_steps):
-            losses.append(float(svi.step(*args, **kwargs)))
-            if step % 10 == 0 or step == num_steps - 1:
-                bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
-            bar.update()
+    start = 0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        # Create the guide's parameters before restoring the random state: a guide
+        # that initialises lazily must not draw from the restored stream.
+        with poutine.block(), torch.no_grad():
+            poutine.trace(guide).get_trace(*args, **kwargs)
+        state = torch.load(checkpoint, weights_only=False)
+        pyro.get_param_store().set_state(state["params"])
+        optim.set_state(state["optim"])
+        _set_rng_state(state["rng"])
+        start, losses = state["step"], state["losses"]
+    rng = _rng_state()
+    step = start
+    try:
+        with tqdm(total=num_steps, initial=start, disable=not progress, desc="SVI") as bar:
+            for step in range(start, num_steps):
+                value = _guarded_step(svi, step, clip_norm, losses, args, kwargs)
+                losses.append(value)
+                rng = _rng_state()
+                if callback is not None:
+                    callback(step, value)
+                if checkpoint is not None and (step + 1) % checkpoint_every == 0:
+                    _save_checkpoint(checkpoint, svi, step + 1, losses, rng)
+                if step % 10 == 0 or step == num_steps - 1:
+                    bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+                bar.update()
+    except (KeyboardInterrupt, FitDivergedError):
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, svi, len(losses), losses, rng)
+        raise
+    if checkpoint is not None:
+        _save_checkpoint(checkpoint, svi, num_steps, losses, rng)
     return losses
+
+
+def _guarded_step(svi: SVI, step: int, clip_norm, losses, args, kwargs) -> float:
+    """One SVI step that applies the update only if the loss and gradients are finite."""
+    with poutine.trace(param_only=True) as capture:
+        loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+    params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
+    loss = float(loss)
+    bad = [name for name, p in params.items()
+           if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if not math.isfinite(loss) or bad:
+        pyro.infer.util.zero_grads(set(params.values()))
+        raise _diverged(step, loss, bad, svi.model, svi.guide, args, kwargs, list(losses))
+    unique = list(dict.fromkeys(params.values()))  # trace order: deterministic
+    if clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(unique, clip_norm)
+    svi.optim(unique)
+    pyro.infer.util.zero_grads(set(unique))
+    return loss

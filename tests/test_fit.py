@@ -1,0 +1,110 @@
+import math
+
+import pyro
+import pytest
+import torch
+
+from pyro_latdiff import DiffusionGuide, fit, log_evidence
+from pyro_latdiff.infer import FitDivergedError
+from pyro_latdiff.testing import ou_problem
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    torch.set_default_dtype(torch.float64)
+
+
+def snapshot():
+    store = pyro.get_param_store()
+    return {name: store[name].detach().clone() for name in store.keys()}
+
+
+def test_divergence_stops_with_message_and_keeps_last_finite_parameters():
+    problem = ou_problem()
+    y = torch.tensor([1.5])
+    guide = DiffusionGuide(problem.model)
+    history = []
+    with pytest.raises(FitDivergedError, match=r"fit stopped at step \d+.*'path'.*learning rate") \
+            as caught:
+        fit(problem.model, guide, y, num_steps=200, optim=pyro.optim.Adam({"lr": 100.0}),
+            callback=lambda step, loss: history.append(snapshot()), progress=False)
+    error = caught.value
+    assert error.step == len(error.losses) == len(history)
+    assert all(math.isfinite(v) for v in error.losses)
+    after = snapshot()
+    last = history[-1]
+    assert after.keys() == last.keys()
+    assert all(torch.equal(after[k], last[k]) for k in after)
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def run(path, name, num_steps, interrupt_at=None):
+    pyro.set_rng_seed(1)
+    problem = ou_problem(num_steps=10)
+    y = torch.tensor([1.5])
+    guide = DiffusionGuide(problem.model, name=name)
+
+    def callback(step, loss):
+        if step == interrupt_at:
+            raise KeyboardInterrupt
+
+    return fit(problem.model, guide, y, num_steps=num_steps, num_particles=4,
+               checkpoint=path, checkpoint_every=3, callback=callback, progress=False)
+
+
+def test_resume_from_checkpoint_is_bit_identical(tmp_path):
+    straight = run(tmp_path / "a.pt", "guide", 12)
+    expected = snapshot()
+    pyro.clear_param_store()
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt", "guide", 12, interrupt_at=6)
+    assert torch.load(tmp_path / "b.pt", weights_only=False)["step"] == 7
+    pyro.clear_param_store()
+    pyro.set_rng_seed(123)  # whatever the state now, resuming restores the saved one
+    resumed = run(tmp_path / "b.pt", "guide", 12)
+    assert resumed == straight
+    got = snapshot()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_same_seed_same_losses_and_evidence():
+    problem = ou_problem(num_steps=10)
+    y = torch.tensor([1.5])
+    results = []
+    for _ in range(2):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(7)
+        guide = DiffusionGuide(problem.model, name="g")
+        losses = fit(problem.model, guide, y, num_steps=5, num_particles=4, progress=False)
+        estimate = log_evidence(problem.model, guide, y, num_samples=100)
+        results.append((losses, estimate.item(), estimate.log_weights))
+    assert results[0][0] == results[1][0]
+    assert results[0][1] == results[1][1]
+    assert torch.equal(results[0][2], results[1][2])
+
+
+def test_clip_norm_bounds_the_update():
+    problem = ou_problem(num_steps=10)
+    y = torch.tensor([1.5])
+    guide = DiffusionGuide(problem.model)
+    losses = fit(problem.model, guide, y, num_steps=20, clip_norm=1.0,
+                 optim=pyro.optim.SGD({"lr": 1e-3}), progress=False)
+    assert all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(checkpoint_every=0), "`checkpoint_every`"),
+        (dict(clip_norm=-1.0), "`clip_norm`"),
+        (dict(clip_norm=float("nan")), "`clip_norm`"),
+        (dict(callback=3), "`callback`"),
+        (dict(num_particles=0), "`num_particles`"),
+    ],
+)
+def test_fit_argument_errors(kwargs, match):
+    problem = ou_problem(num_steps=5)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fit(problem.model, DiffusionGuide(problem.model), torch.tensor([1.5]), num_steps=2,
+            progress=False, **kwargs)
