@@ -44,7 +44,7 @@ def grid_solution(y, times, sigma, obs_scale, grid=None):
         kernel = dist.Normal((x + drift(t, x) * h).unsqueeze(-1),
                              sigma * h.sqrt()).log_prob(x).exp()  # [from, to]
         density = (density.unsqueeze(-1) * kernel).sum(0) * dx
-    likelihood = dist.Normal(x, obs_scale).log_prob(y).exp()
+    likelihood = dist.Normal(x, obs_scale).log_prob(torch.as_tensor(y, dtype=x.dtype)).exp()
     evidence = (density * likelihood).sum() * dx
     posterior = density * likelihood / evidence
     mean = (posterior * x).sum() * dx

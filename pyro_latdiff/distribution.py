@@ -230,9 +230,11 @@ class LatentDiffusion(TorchDistribution):
             )
         if self._validate_args:
             self._validate_sample(value)
+        batch = torch.broadcast_shapes(value.shape[:-2], self.batch_shape)
+        value = value.expand(batch + self.event_shape)
+        x0 = self.x0.expand(batch + self.x0.shape[-1:])
         # Time axis leftmost: (N,) + sample_shape + batch_shape + (D,).
         value = value.movedim(-2, 0)
-        x0 = self.x0.expand(value.shape[1:])
         previous = torch.cat([x0.unsqueeze(0), value[:-1]], dim=0)
         steps = self.times.diff().reshape((-1,) + (1,) * (value.dim() - 1))
         t = self.times[:-1].reshape(steps.shape)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from torch.distributions import biject_to
 
 from .distribution import LatentDiffusion
-from .drift import NeuralDrift
+from .drift import NeuralDrift, _check_positive_int, _check_widths
 
 __all__ = ["DiffusionGuide"]
 
@@ -296,13 +297,25 @@ class DiffusionGuide(AutoGuide):
             raise ValueError(
                 f"Expected `context` to be 'auto', None or a callable, actual {context!r}"
             )
-        if not init_scale > 0:
-            raise ValueError(f"Expected `init_scale` > 0, actual {init_scale!r}")
+        _check_widths(hidden_dims)
+        _check_positive_int("num_frequencies", num_frequencies, minimum=0)
+        for flag, value in (("bridge", bridge), ("path_derivative", path_derivative)):
+            if not isinstance(value, bool):
+                raise TypeError(f"Expected `{flag}` to be a bool, actual {value!r}")
+        if not callable(init_loc_fn):
+            raise TypeError(f"Expected `init_loc_fn` to be callable, actual {init_loc_fn!r}")
+        if create_plates is not None and not callable(create_plates):
+            raise TypeError(
+                f"Expected `create_plates` to be callable or None, actual {create_plates!r}"
+            )
+        if (isinstance(init_scale, bool) or not isinstance(init_scale, (int, float))
+                or not math.isfinite(init_scale) or not init_scale > 0):
+            raise ValueError(f"Expected `init_scale` to be a positive float, actual {init_scale!r}")
         self.hidden_dims = tuple(hidden_dims)
         self.num_frequencies = num_frequencies
         self.context = context
-        self.bridge = bool(bridge)
-        self.path_derivative = bool(path_derivative)
+        self.bridge = bridge
+        self.path_derivative = path_derivative
         self.init_loc_fn = init_loc_fn
         self.init_scale = float(init_scale)
         self._unwrapped_model = (model,)  # a tuple: a model that is an nn.Module stays out

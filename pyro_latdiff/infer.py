@@ -26,6 +26,12 @@ def _check_count(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"Expected `{name}` to be an int >= {minimum}, actual {value!r}")
 
 
+def _check_model_and_guide(model, guide) -> None:
+    for name, value in (("model", model), ("guide", guide)):
+        if not callable(value):
+            raise TypeError(f"Expected `{name}` to be callable, actual {type(value).__name__}")
+
+
 def _guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -> int:
     """The deepest plate dimension used by ``model`` and ``guide``, found by tracing
     both once (as :class:`~pyro.infer.ELBO` does when not told)."""
@@ -77,8 +83,11 @@ def log_evidence(
     _check_count("num_samples", num_samples)
     chunk_size = min(num_samples, 1000) if chunk_size is None else chunk_size
     _check_count("chunk_size", chunk_size)
+    _check_model_and_guide(model, guide)
     if max_plate_nesting is None:
         max_plate_nesting = _guess_max_plate_nesting(model, guide, *args, **kwargs)
+    else:
+        _check_count("max_plate_nesting", max_plate_nesting, minimum=0)
     chunks = []
     with torch.no_grad():
         for start in range(0, num_samples, chunk_size):
@@ -247,6 +256,21 @@ def fit(
         raise ValueError(
             f"Expected `clip_norm` to be a positive float or None, actual {clip_norm!r}"
         )
+    _check_model_and_guide(model, guide)
+    if optim is not None and not isinstance(optim, PyroOptim):
+        raise TypeError(
+            f"Expected `optim` to be a pyro.optim optimiser, actual {type(optim).__name__}"
+        )
+    if loss is not None and not hasattr(loss, "loss_and_grads"):
+        raise TypeError(
+            f"Expected `loss` to be a pyro.infer ELBO, actual {type(loss).__name__}"
+        )
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(
+            f"Expected `checkpoint` to be a path or None, actual {type(checkpoint).__name__}"
+        )
+    if not isinstance(progress, bool):
+        raise TypeError(f"Expected `progress` to be a bool, actual {progress!r}")
     if callback is not None and not callable(callback):
         raise TypeError(f"Expected `callback` to be callable, actual {type(callback).__name__}")
     optim = default_optim(num_steps) if optim is None else optim
