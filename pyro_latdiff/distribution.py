@@ -9,105 +9,12 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
 
-from .sde import Diffusion, solve
+from ._validation import check_diffusion, check_output, check_times, check_x0, shape_of
+from .sde import Diffusion, _solve
 
 __all__ = ["LatentDiffusion"]
 
 _HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
-
-
-def _shape(x) -> tuple:
-    return tuple(x.shape)
-
-
-def _check_times(times) -> None:
-    if not isinstance(times, Tensor):
-        raise TypeError(
-            f"Expected `times` to be a torch.Tensor, actual type {type(times).__name__}"
-        )
-    if times.dim() != 1 or times.shape[0] < 2:
-        raise ValueError(
-            "Expected `times` to be a 1-D tensor of at least 2 points, "
-            f"actual shape {_shape(times)}"
-        )
-    if not times.is_floating_point():
-        raise ValueError(
-            f"Expected `times` to be a floating point tensor, actual dtype {times.dtype}"
-        )
-    if not torch.isfinite(times).all():
-        raise ValueError(f"Expected `times` to be finite, actual values {times.tolist()}")
-    steps = times.diff()
-    if not (steps > 0).all():
-        k = int((steps <= 0).nonzero()[0])
-        raise ValueError(
-            "Expected `times` to be strictly increasing, actual "
-            f"times[{k}] = {times[k].item()} >= times[{k + 1}] = {times[k + 1].item()}"
-        )
-
-
-def _check_x0(x0, times: Tensor) -> None:
-    if not isinstance(x0, Tensor):
-        raise TypeError(f"Expected `x0` to be a torch.Tensor, actual type {type(x0).__name__}")
-    if x0.dim() < 1 or x0.shape[-1] < 1:
-        raise ValueError(
-            "Expected `x0` of shape batch_shape + (state_dim,) with state_dim >= 1, "
-            f"actual shape {_shape(x0)}"
-        )
-    if x0.dtype != times.dtype or x0.device != times.device:
-        raise ValueError(
-            "Expected `x0` and `times` to share dtype and device, actual "
-            f"x0: {x0.dtype} on {x0.device}, times: {times.dtype} on {times.device}"
-        )
-    if not torch.isfinite(x0).all():
-        raise ValueError("Expected `x0` to be finite, actual tensor contains NaN or inf")
-
-
-def _check_output(name: str, out, x: Tensor, positive: bool) -> torch.Size:
-    """Check one probe of the drift or a callable diffusion; return its batch shape."""
-    what = f"`{name}(times[0], x0)`"
-    if not isinstance(out, Tensor):
-        raise TypeError(f"Expected {what} to return a torch.Tensor, actual {type(out).__name__}")
-    if out.dim() == 0 or out.shape[-1] != x.shape[-1]:
-        raise ValueError(
-            f"Expected {what} to return a tensor shaped like x, {_shape(x)} (last dimension "
-            f"exactly state_dim = {x.shape[-1]}), actual shape {_shape(out)}"
-        )
-    try:
-        shape = torch.broadcast_shapes(out.shape, x.shape)
-    except RuntimeError:
-        raise ValueError(
-            f"Expected {what} to return a tensor shaped like x, {_shape(x)}, "
-            f"actual shape {_shape(out)}"
-        ) from None
-    if not torch.isfinite(out).all():
-        raise ValueError(f"Expected {what} to be finite, actual output contains NaN or inf")
-    if positive and not (out > 0).all():
-        raise ValueError(f"Expected {what} to be positive, actual minimum {out.min().item()}")
-    return shape[:-1]
-
-
-def _check_diffusion(diffusion, x0: Tensor) -> None:
-    if isinstance(diffusion, bool) or not isinstance(diffusion, (int, float, Tensor)):
-        raise TypeError(
-            "Expected `diffusion` to be a positive float, a tensor of shape (..., state_dim) "
-            f"or a callable diffusion(t, x), actual type {type(diffusion).__name__}"
-        )
-    if isinstance(diffusion, Tensor):
-        if diffusion.dim() > 0 and diffusion.shape[-1] != x0.shape[-1]:
-            raise ValueError(
-                f"Expected `diffusion` of shape (..., {x0.shape[-1]}) (state_dim of x0), "
-                f"actual shape {_shape(diffusion)}"
-            )
-        if diffusion.dtype != x0.dtype or diffusion.device != x0.device:
-            raise ValueError(
-                "Expected `diffusion` to share dtype and device with `x0`, actual "
-                f"{diffusion.dtype} on {diffusion.device} (x0: {x0.dtype} on {x0.device})"
-            )
-        ok = torch.isfinite(diffusion).all() and (diffusion > 0).all()
-    else:
-        ok = math.isfinite(diffusion) and diffusion > 0
-    if not ok:
-        raise ValueError(f"Expected `diffusion` to be positive and finite, actual {diffusion}")
 
 
 class LatentDiffusion(TorchDistribution):
@@ -169,18 +76,18 @@ class LatentDiffusion(TorchDistribution):
         *,
         validate_args: bool | None = None,
     ):
-        _check_times(times)
-        _check_x0(x0, times)
+        check_times(times)
+        check_x0(x0, times)
         if not callable(diffusion):
-            _check_diffusion(diffusion, x0)
+            check_diffusion(diffusion, x0)
         if not callable(drift):
             raise TypeError(
                 f"Expected `drift` to be a callable drift(t, x), actual type {type(drift).__name__}"
             )
         t0 = times[0]
-        batch_shape = _check_output("drift", drift(t0, x0), x0, positive=False)
+        batch_shape = check_output("drift", drift(t0, x0), x0, positive=False)
         if callable(diffusion):
-            shape = _check_output("diffusion", diffusion(t0, x0), x0, positive=True)
+            shape = check_output("diffusion", diffusion(t0, x0), x0, positive=True)
             batch_shape = torch.broadcast_shapes(batch_shape, shape)
         elif isinstance(diffusion, Tensor):
             batch_shape = torch.broadcast_shapes(batch_shape, diffusion.shape[:-1])
@@ -213,9 +120,17 @@ class LatentDiffusion(TorchDistribution):
         return new
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        try:
+            sample_shape = torch.Size(sample_shape)
+        except TypeError:
+            raise TypeError(
+                f"Expected `sample_shape` to be a tuple of ints, actual {sample_shape!r}"
+            ) from None
+        if any(size < 0 for size in sample_shape):
+            raise ValueError(f"Expected `sample_shape` of sizes >= 0, actual {sample_shape}")
         shape = self._extended_shape(sample_shape)[:-2]
         x0 = self.x0.expand(shape + self.x0.shape[-1:])
-        return solve(self.drift, self.diffusion, x0, self.times)
+        return _solve(self.drift, self.diffusion, x0, self.times)
 
     def _scale(self, t: Tensor, x: Tensor, sqrt_steps: Tensor) -> Tensor:
         if callable(self.diffusion):
@@ -223,10 +138,12 @@ class LatentDiffusion(TorchDistribution):
         return torch.as_tensor(self.diffusion, dtype=x.dtype, device=x.device) * sqrt_steps
 
     def log_prob(self, value: Tensor) -> Tensor:
+        if not isinstance(value, Tensor):
+            raise TypeError(f"Expected `value` to be a torch.Tensor, actual {type(value).__name__}")
         if value.dim() < 2 or value.shape[-2:] != self.event_shape:
             raise ValueError(
                 f"Expected `value` of shape (..., {self.num_steps}, {self.state_dim}) "
-                f"(num_steps, state_dim), actual shape {_shape(value)}"
+                f"(num_steps, state_dim), actual shape {shape_of(value)}"
             )
         if self._validate_args:
             self._validate_sample(value)

@@ -8,34 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ._validation import check_positive_int, check_time_span, check_widths
+
 __all__ = ["NeuralDrift"]
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, actual {value!r}")
-
-
-def _check_widths(hidden_dims) -> None:
-    if not isinstance(hidden_dims, (tuple, list)):
-        raise TypeError(
-            f"Expected `hidden_dims` to be a tuple of ints, actual {type(hidden_dims).__name__}"
-        )
-    for width in hidden_dims:
-        _check_positive_int("hidden_dims[i]", width)
-
-
-def _check_time_span(time_span) -> tuple[float, float]:
-    ok = isinstance(time_span, (tuple, list)) and len(time_span) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        for v in time_span
-    )
-    if not ok or not time_span[1] > time_span[0]:
-        raise ValueError(
-            f"Expected `time_span` = (t_start, t_end), finite with t_end > t_start, "
-            f"actual {time_span!r}"
-        )
-    return float(time_span[0]), float(time_span[1])
 
 
 class NeuralDrift(nn.Module):
@@ -74,13 +49,13 @@ class NeuralDrift(nn.Module):
         time_span: tuple[float, float] = (0.0, 1.0),
     ):
         super().__init__()
-        _check_positive_int("state_dim", state_dim)
-        _check_positive_int("context_dim", context_dim, minimum=0)
-        _check_positive_int("num_frequencies", num_frequencies, minimum=0)
+        check_positive_int("state_dim", state_dim)
+        check_positive_int("context_dim", context_dim, minimum=0)
+        check_positive_int("num_frequencies", num_frequencies, minimum=0)
         out_dim = state_dim if out_dim is None else out_dim
-        _check_positive_int("out_dim", out_dim)
-        _check_widths(hidden_dims)
-        t_start, t_end = _check_time_span(time_span)
+        check_positive_int("out_dim", out_dim)
+        check_widths(hidden_dims)
+        t_start, t_end = check_time_span(time_span)
         self.state_dim = state_dim
         self.context_dim = context_dim
         self.out_dim = out_dim

@@ -20,8 +20,9 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import biject_to
 
+from ._validation import check_positive_int, check_signature, check_widths
 from .distribution import LatentDiffusion
-from .drift import NeuralDrift, _check_positive_int, _check_widths
+from .drift import NeuralDrift
 
 __all__ = ["DiffusionGuide"]
 
@@ -297,8 +298,8 @@ class DiffusionGuide(AutoGuide):
             raise ValueError(
                 f"Expected `context` to be 'auto', None or a callable, actual {context!r}"
             )
-        _check_widths(hidden_dims)
-        _check_positive_int("num_frequencies", num_frequencies, minimum=0)
+        check_widths(hidden_dims)
+        check_positive_int("num_frequencies", num_frequencies, minimum=0)
         for flag, value in (("bridge", bridge), ("path_derivative", path_derivative)):
             if not isinstance(value, bool):
                 raise TypeError(f"Expected `{flag}` to be a bool, actual {value!r}")
@@ -334,6 +335,7 @@ class DiffusionGuide(AutoGuide):
         return msg["type"] != "sample" or site_is_subsample(msg)
 
     def _setup_prototype(self, *args, **kwargs):
+        check_signature("model", self._unwrapped_model[0], args, kwargs)
         super()._setup_prototype(*args, **kwargs)
         self._path_sites: list[str] = []
         self._normal_sites: list[str] = []

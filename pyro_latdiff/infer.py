@@ -18,18 +18,14 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._validation import check_positive_int, check_signature
+
 __all__ = ["FitDivergedError", "default_optim", "fit", "log_evidence"]
 
 
-def _check_count(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, actual {value!r}")
-
-
-def _check_model_and_guide(model, guide) -> None:
+def _check_model_and_guide(model, guide, args, kwargs) -> None:
     for name, value in (("model", model), ("guide", guide)):
-        if not callable(value):
-            raise TypeError(f"Expected `{name}` to be callable, actual {type(value).__name__}")
+        check_signature(name, value, args, kwargs)
 
 
 def _guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -> int:
@@ -80,14 +76,15 @@ def log_evidence(
         the log-estimate), ``ess`` (effective sample size ``(sum w)^2 / sum w^2``) and
         ``log_weights`` (shape ``(n,)``) describe it.
     """
-    _check_count("num_samples", num_samples)
+    check_positive_int("num_samples", num_samples)
     chunk_size = min(num_samples, 1000) if chunk_size is None else chunk_size
-    _check_count("chunk_size", chunk_size)
-    _check_model_and_guide(model, guide)
+    check_positive_int("chunk_size", chunk_size)
+    _check_model_and_guide(model, guide, args, kwargs)
+    needed = _guess_max_plate_nesting(model, guide, *args, **kwargs)
     if max_plate_nesting is None:
-        max_plate_nesting = _guess_max_plate_nesting(model, guide, *args, **kwargs)
+        max_plate_nesting = needed
     else:
-        _check_count("max_plate_nesting", max_plate_nesting, minimum=0)
+        check_positive_int("max_plate_nesting", max_plate_nesting, minimum=needed)
     chunks = []
     with torch.no_grad():
         for start in range(0, num_samples, chunk_size):
@@ -118,7 +115,7 @@ def _summarise(log_weights: Tensor) -> Tensor:
 def default_optim(num_steps: int, lr: float = 1e-2, final_lr: float = 1e-3) -> PyroOptim:
     """Adam with gradient-norm clipping and a learning rate decaying geometrically from
     ``lr`` to ``final_lr`` over ``num_steps`` (:class:`pyro.optim.ClippedAdam`)."""
-    _check_count("num_steps", num_steps)
+    check_positive_int("num_steps", num_steps)
     return pyro.optim.ClippedAdam(
         {"lr": lr, "lrd": (final_lr / lr) ** (1.0 / num_steps), "clip_norm": 10.0}
     )
@@ -248,15 +245,15 @@ def fit(
     :returns: the loss (negative ELBO estimate) at every step.
     :raises FitDivergedError: if a loss or gradient is not finite.
     """
-    _check_count("num_steps", num_steps)
-    _check_count("num_particles", num_particles)
-    _check_count("checkpoint_every", checkpoint_every)
+    check_positive_int("num_steps", num_steps)
+    check_positive_int("num_particles", num_particles)
+    check_positive_int("checkpoint_every", checkpoint_every)
     if clip_norm is not None and not (isinstance(clip_norm, (int, float))
                                       and math.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(
             f"Expected `clip_norm` to be a positive float or None, actual {clip_norm!r}"
         )
-    _check_model_and_guide(model, guide)
+    _check_model_and_guide(model, guide, args, kwargs)
     if optim is not None and not isinstance(optim, PyroOptim):
         raise TypeError(
             f"Expected `optim` to be a pyro.optim optimiser, actual {type(optim).__name__}"

@@ -21,6 +21,8 @@ import torch
 import torchsde
 from torch import Tensor
 
+from ._validation import check_diffusion, check_output, check_times, check_x0
+
 __all__ = ["GridBrownian", "solve"]
 
 Diffusion = float | Tensor | Callable[[Tensor, Tensor], Tensor]
@@ -38,9 +40,10 @@ class GridBrownian(torchsde.BaseBrownian):
     __slots__ = ("_noise",)
 
     def __init__(self, noise: Tensor):
-        if noise.dim() != 3:
+        if not isinstance(noise, Tensor) or noise.dim() != 3:
             raise ValueError(
-                f"Expected `noise` of shape (N, batch, D), actual shape {tuple(noise.shape)}"
+                "Expected `noise` of shape (N, batch, D), actual "
+                f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}"
             )
         self._noise = noise
 
@@ -108,6 +111,20 @@ class _IndexTimeSDE:
         return (b * self.steps[k]).reshape(y.shape), g_prod.reshape(y.shape)
 
 
+def _solve(drift, diffusion, x0: Tensor, times: Tensor, noise: Tensor | None = None) -> Tensor:
+    """:func:`solve` without argument checks (callers have checked them)."""
+    num_steps = times.shape[0] - 1
+    shape = x0.shape
+    if noise is None:
+        noise = torch.randn((num_steps,) + shape, dtype=x0.dtype, device=x0.device)
+    flat = x0.reshape(-1, shape[-1])
+    sde = _IndexTimeSDE(drift, diffusion, times, shape)
+    index_times = torch.arange(num_steps + 1, dtype=x0.dtype, device=x0.device)
+    bm = GridBrownian(noise.reshape(num_steps, flat.shape[0], shape[-1]))
+    ys = torchsde.sdeint(sde, flat, index_times, bm=bm, method="euler", dt=1.0)
+    return ys[1:].reshape((num_steps,) + shape).movedim(0, -2)
+
+
 def solve(
     drift: Callable[[Tensor, Tensor], Tensor],
     diffusion: Diffusion,
@@ -133,13 +150,20 @@ def solve(
     :returns: the states at ``times[1:]``, shape ``batch_shape + (N, D)``.
     :rtype: torch.Tensor
     """
-    num_steps = times.shape[0] - 1
-    shape = x0.shape
-    if noise is None:
-        noise = torch.randn((num_steps,) + shape, dtype=x0.dtype, device=x0.device)
-    flat = x0.reshape(-1, shape[-1])
-    sde = _IndexTimeSDE(drift, diffusion, times, shape)
-    index_times = torch.arange(num_steps + 1, dtype=x0.dtype, device=x0.device)
-    bm = GridBrownian(noise.reshape(num_steps, flat.shape[0], shape[-1]))
-    ys = torchsde.sdeint(sde, flat, index_times, bm=bm, method="euler", dt=1.0)
-    return ys[1:].reshape((num_steps,) + shape).movedim(0, -2)
+    check_times(times)
+    check_x0(x0, times)
+    if not callable(drift):
+        raise TypeError(f"Expected `drift` to be callable, actual {type(drift).__name__}")
+    if callable(diffusion):
+        check_output("diffusion", diffusion(times[0], x0), x0, positive=True)
+    else:
+        check_diffusion(diffusion, x0)
+    check_output("drift", drift(times[0], x0), x0, positive=False)
+    expected = (times.shape[0] - 1,) + tuple(x0.shape)
+    if noise is not None and (not isinstance(noise, Tensor) or tuple(noise.shape) != expected
+                              or noise.dtype != x0.dtype):
+        raise ValueError(
+            f"Expected `noise` of shape {expected} and dtype {x0.dtype}, actual "
+            f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}"
+        )
+    return _solve(drift, diffusion, x0, times, noise)

@@ -480,6 +480,8 @@ def _check_x0(x0) -> None:
         )
     if not x0.is_floating_point():
         raise ValueError(f"Expected `x0` to be a floating point tensor, actual dtype {x0.dtype}")
+    if x0.device.type == "meta":
+        raise ValueError("Expected `x0` to hold values, actual a tensor on the meta device")
     if not torch.isfinite(x0).all():
         raise ValueError("Expected `x0` to be finite, actual tensor contains NaN or inf")
 
@@ -534,8 +536,13 @@ def _check_sigma(sigma, x0: Tensor) -> Tensor:
                 f"Expected `sigma` broadcastable to x0's shape {tuple(x0.shape)} without "
                 f"enlarging it, actual shape {tuple(sigma.shape)}"
             )
+        if sigma.dtype != x0.dtype or sigma.device != x0.device:
+            raise ValueError(
+                "Expected `sigma` to share dtype and device with `x0`, actual "
+                f"{sigma.dtype} on {sigma.device} (x0: {x0.dtype} on {x0.device})"
+            )
         ok = bool(torch.isfinite(sigma).all() and (sigma > 0).all())
-        value = sigma.to(dtype=x0.dtype, device=x0.device)
+        value = sigma
     else:
         ok = math.isfinite(sigma) and sigma > 0
         value = torch.tensor(float(sigma), dtype=x0.dtype, device=x0.device)
