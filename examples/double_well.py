@@ -19,6 +19,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import Predictive, Trace_ELBO
+from pyro.infer.importance import vectorized_importance_weights
 
 from pyro_latdiff import DiffusionGuide, LatentDiffusion, fit, log_evidence
 
@@ -32,9 +33,9 @@ def model(y, times, sigma, obs_scale):
     pyro.sample("y", dist.Normal(path[..., -1, :], obs_scale).to_event(1), obs=y)
 
 
-def grid_solution(y, times, sigma, obs_scale, grid=None):
+def grid_solution(y, times, sigma, obs_scale, grid_size=3501):
     """Exact evidence and terminal posterior of the Euler chain, on a grid of states."""
-    x = torch.linspace(-3.5, 3.5, 3501) if grid is None else grid
+    x = torch.linspace(-3.5, 3.5, grid_size)
     dx = x[1] - x[0]
     steps = times.diff()
     # First step from the point mass at 0.
@@ -66,15 +67,18 @@ def main(args):
     fit(model, guide, *model_args, num_steps=args.svi_steps,
         num_particles=args.num_particles, progress=not args.smoke)
 
-    exact = grid_solution(args.y, times, args.sigma, args.obs_scale)
+    exact = grid_solution(args.y, times, args.sigma, args.obs_scale, args.grid_size)
     elbo = -Trace_ELBO(num_particles=args.num_samples, vectorize_particles=True).loss(
         model, guide, *model_args)
     estimate = log_evidence(model, guide, *model_args, num_samples=args.num_samples)
     with torch.no_grad():
         terminal = Predictive(model, guide=guide, num_samples=args.num_samples,
                               parallel=True)(*model_args)["path"][:, -1, 0]
-    log_w = estimate.log_weights
+    with torch.no_grad():  # importance weights and the draws they belong to
+        log_w, _, guide_trace = vectorized_importance_weights(
+            model, guide, *model_args, num_samples=args.num_samples, max_plate_nesting=0)
     weights = torch.softmax(log_w, 0)
+    drawn = guide_trace.nodes["path"]["value"][..., -1, 0]
     print(f"grid mass check {exact['prior_mass']:.6f} (should be 1)")
     print(f"log p(y)   exact {exact['log_evidence']:.4f}   ELBO {elbo:.4f}   "
           f"log_evidence {estimate.item():.4f} +- {estimate.stderr:.4f} "
@@ -83,7 +87,7 @@ def main(args):
           f"P(X_T > 0) {exact['p_upper']:.4f}")
     print(f"           guide mean {terminal.mean():.4f} sd {terminal.std():.4f} "
           f"P(X_T > 0) {(terminal > 0).double().mean():.4f}")
-    reweighted = (weights * terminal).sum().item()
+    reweighted = (weights * drawn).sum().item()
     print(f"           importance-reweighted mean {reweighted:.4f}")
     return dict(exact=exact, elbo=elbo, log_evidence=estimate.item(),
                 stderr=estimate.stderr, mean=terminal.mean().item(),
@@ -100,11 +104,13 @@ def parse_args(argv=None):
     parser.add_argument("--svi-steps", type=int, default=1500)
     parser.add_argument("--num-particles", type=int, default=16)
     parser.add_argument("--num-samples", type=int, default=4000)
+    parser.add_argument("--grid-size", type=int, default=3501,
+                        help="states in the exact grid computation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.svi_steps, args.num_samples = 5, 64
+        args.svi_steps, args.num_samples, args.grid_size = 5, 64, 401
     if not math.isfinite(args.y):
         parser.error("--y must be finite")
     return args
