@@ -2,9 +2,10 @@
 
 theta ~ LogNormal(0, 0.5) is the mean-reversion rate of M independent OU paths
 dX_i = -theta X_i dt + dW_i, X_i(0) = 0, each observed once at T = 1 as
-y_i ~ N(X_i(T), obs_scale^2). Given theta the evidence of each y_i is Gaussian in
-closed form on the Euler chain, so the exact posterior of theta follows by quadrature
-over theta; the fitted guide's posterior of theta is compared with it.
+y_i ~ N(X_i(T), obs_scale^2) (:class:`pyro_latdiff.testing.SharedRateOU`). Given theta
+the evidence of each y_i is Gaussian in closed form on the Euler chain, so the exact
+posterior of theta follows by quadrature over theta; the fitted guide's posterior of
+theta is compared with it.
 
     python examples/global_parameter.py
     python examples/global_parameter.py --smoke
@@ -15,64 +16,30 @@ from __future__ import annotations
 import argparse
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.infer import Predictive
 
-from pyro_latdiff import DiffusionGuide, LatentDiffusion, fit, log_evidence
-from pyro_latdiff.testing import ou_terminal_variance
-
-PRIOR_LOC, PRIOR_SCALE = 0.0, 0.5
-
-
-def model(y, times, obs_scale):
-    """``y``: (M,) terminal observations."""
-    theta = pyro.sample("theta", dist.LogNormal(PRIOR_LOC, PRIOR_SCALE))
-    rate = theta.unsqueeze(-1)  # (P, 1, 1) under particles: broadcasts over series, state
-    with pyro.plate("series", y.shape[-1]):
-        x0 = torch.zeros(y.shape[-1], 1)
-        path = pyro.sample("path", LatentDiffusion(lambda t, x: -rate * x, 1.0, x0, times))
-        pyro.sample("y", dist.Normal(path[..., -1, 0], obs_scale), obs=y)
-
-
-def exact_posterior(y, times, obs_scale, grid_size=4000):
-    """Posterior of theta by quadrature: returns (grid, density, mean, sd)."""
-    log_theta = torch.linspace(-6.0, 4.0, grid_size)
-    theta = log_theta.exp()
-    variance = ou_terminal_variance(theta, 1.0, times) + obs_scale**2
-    log_lik = dist.Normal(0.0, variance.sqrt().unsqueeze(-1)).log_prob(y).sum(-1)
-    log_post = dist.LogNormal(PRIOR_LOC, PRIOR_SCALE).log_prob(theta) + log_lik
-    weights = torch.softmax(log_post + log_theta, 0)  # d theta = theta d log(theta)
-    mean = (weights * theta).sum()
-    sd = (weights * (theta - mean) ** 2).sum().sqrt()
-    density = weights / (theta * (log_theta[1] - log_theta[0]))
-    return theta, density, mean, sd
-
-
-def simulate(num_series, times, obs_scale, theta):
-    x0 = torch.zeros(num_series, 1)
-    paths = LatentDiffusion(lambda t, x: -theta * x, 1.0, x0, times).sample()
-    return paths[..., -1, 0] + obs_scale * torch.randn(num_series)
+from pyro_latdiff import DiffusionGuide, fit, log_evidence
+from pyro_latdiff.testing import SharedRateOU
 
 
 def main(args):
     torch.set_default_dtype(torch.float64)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
-    times = torch.linspace(0.0, 1.0, args.num_steps + 1)
-    y = simulate(args.num_series, times, args.obs_scale, args.theta)
+    problem = SharedRateOU(torch.linspace(0.0, 1.0, args.num_steps + 1), args.obs_scale)
+    y = problem.simulate(args.theta, args.num_series)
 
-    guide = DiffusionGuide(model)
-    fit(model, guide, y, times, args.obs_scale, num_steps=args.svi_steps,
-        num_particles=args.num_particles, progress=not args.smoke)
+    guide = DiffusionGuide(problem.model)
+    fit(problem.model, guide, y, num_steps=args.svi_steps, num_particles=args.num_particles,
+        progress=not args.smoke)
 
-    _, _, exact_mean, exact_sd = exact_posterior(y, times, args.obs_scale)
+    _, _, exact_mean, exact_sd = problem.exact_posterior(y)
     with torch.no_grad():
-        theta = Predictive(model, guide=guide, num_samples=args.num_samples,
-                           return_sites=["theta"])(y, times, args.obs_scale)["theta"]
+        theta = Predictive(problem.model, guide=guide, num_samples=args.num_samples,
+                           return_sites=["theta"])(y)["theta"]
     mean, sd = theta.mean().item(), theta.std().item()
-    estimate = log_evidence(model, guide, y, times, args.obs_scale,
-                            num_samples=args.num_samples)
+    estimate = log_evidence(problem.model, guide, y, num_samples=args.num_samples)
     print(f"theta | y   guide mean {mean:.4f}  sd {sd:.4f}")
     print(f"            exact mean {exact_mean:.4f}  sd {exact_sd:.4f}")
     print(f"mean error {abs(mean - exact_mean) / exact_sd:.3f} posterior sd; "
@@ -90,7 +57,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-steps", type=int, default=50)
     parser.add_argument("--svi-steps", type=int, default=1500)
     parser.add_argument("--num-particles", type=int, default=16)
-    parser.add_argument("--num-samples", type=int, default=4000)
+    parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)

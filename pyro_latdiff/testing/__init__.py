@@ -11,9 +11,11 @@ from .benes import (
 )
 from .linear import LinearSDE, ou_problem, ou_terminal_variance
 from .ou import ou_drift, ou_expectation_cos, ou_terminal_moments
+from .shared_rate import SharedRateOU
 
 __all__ = [
     "LinearSDE",
+    "SharedRateOU",
     "benes_drift",
     "benes_expectation",
     "benes_expectation_cos",
