@@ -6,6 +6,7 @@
 - time per SVI step, CPU against GPU, for a large plate of paths.
 
     python benchmarks/gpu_check.py            # needs torch with CUDA
+    python benchmarks/gpu_check.py --device cpu --smoke   # the script itself, anywhere
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def check_devices(device):
     d = problem.distribution()
     path = d.rsample((8,))
     assert path.device.type == device.type and d.log_prob(path).device.type == device.type
+    if device.type == "cpu":
+        return
     try:
         LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1, dtype=torch.float64),
                         problem.times)
@@ -93,6 +96,12 @@ def main(args):
     device = torch.device(args.device)
     print(torch.__version__, torch.cuda.get_device_name() if device.type == "cuda" else "")
     check_devices(device)
+    if device.type == "cpu":  # a mismatch needs two devices: check with the meta device
+        try:
+            LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1, device="meta"),
+                            torch.linspace(0, 1, 3))
+        except ValueError as error:
+            print("device mismatch ->", error)
     check_fit(device, args.svi_steps)
     print(f"{'series':>6} {'N':>4} {'cpu ms':>8} {'gpu ms':>8} {'cpu/gpu':>7}")
     for num_series in args.num_series:
@@ -109,7 +118,11 @@ def parse_args(argv=None):
     parser.add_argument("--num-series", type=int, nargs="+", default=[16, 256, 4096])
     parser.add_argument("--num-steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (runs on a CPU too)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.svi_steps, args.num_series, args.num_steps, args.repeats = 3, [2], 5, 1
+    return args
 
 
 if __name__ == "__main__":

@@ -1,0 +1,24 @@
+"""The benchmark scripts run (tiny sizes), so they do not rot between measurements."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("svi_step", ["--smoke"]),
+    ("gpu_check", ["--device", "cpu", "--smoke"]),
+])
+def test_benchmark_runs_with_smoke(name, argv):
+    module = load(name)
+    module.main(module.parse_args(argv))
