@@ -418,23 +418,27 @@ class DiffusionGuide(AutoGuide):
             return make(loc, log_scale)
         return _PathDerivative(make(loc, log_scale), make(loc.detach(), log_scale.detach()))
 
-    def _prepass(self, values: dict, args, kwargs):
-        """Run the model with the guide's latent values and reference paths: gives each
-        path's prior (with the guide's upstream values), the context, and the
-        observation gradient, without simulating."""
-        reference = _ReferencePaths(set(self._path_sites), _outer_batch_shape())
+    def _prepass(self, site: str, values: dict, args, kwargs):
+        """Run the model with the guide's values so far (other latents, earlier paths)
+        and reference paths for the paths not yet drawn, without simulating: gives the
+        path site's prior (with the guide's upstream values), its context, and the
+        observation gradient at its terminal state."""
+        remaining = set(self._path_sites) - set(values)
+        reference = _ReferencePaths(remaining, _outer_batch_shape())
         model = poutine.condition(self._unwrapped_model[0], data=values)
         with poutine.block(), torch.enable_grad():
             trace = poutine.trace(reference(model)).get_trace(*args, **kwargs)
-            bridges = {}
+            bridge = None
             if self.bridge:
+                # Observations and the guide's values of other latents; not the paths
+                # (earlier ones do not depend on this one, later ones are references).
+                paths = set(self._path_sites)
                 trace.compute_log_prob(site_filter=lambda n, s: s["is_observed"]
-                                       and n not in reference.names)
-                log_lik = sum(s["log_prob"].sum() for n, s in trace.nodes.items()
+                                       and n not in paths)
+                log_lik = sum(s["log_prob"].sum() for s in trace.nodes.values()
                               if "log_prob" in s)
-                for name, terminal in reference.terminals.items():
-                    bridges[name] = self._linearise(log_lik, terminal)
-        return trace, reference, bridges
+                bridge = self._linearise(log_lik, reference.terminals[site])
+        return trace, reference.fns[site], bridge
 
     @staticmethod
     def _linearise(log_lik, terminal: Tensor):
@@ -452,11 +456,9 @@ class DiffusionGuide(AutoGuide):
             rows.append(torch.zeros_like(terminal) if row is None else row)
         return grad, torch.stack(rows, dim=-2), terminal.detach()
 
-    def _path_distribution(self, name: str, trace, reference, bridges, args, kwargs):
-        prior = reference.fns[name]
+    def _path_distribution(self, name: str, trace, prior, bridge, args, kwargs):
         step_net = self.step_nets[self._key(name)]
         context = self._context(name, trace, args, kwargs, prior.x0)
-        bridge = bridges.get(name)
 
         def chain(net, tables):
             controlled = _ControlledChain(prior, net, tables, context, bridge)
@@ -488,9 +490,9 @@ class DiffusionGuide(AutoGuide):
         for name in self._normal_sites:
             with self._plate_stack(name, plates):
                 values[name] = pyro.sample(name, self._normal_distribution(name))
-        trace, reference, bridges = self._prepass(values, args, kwargs)
-        for name in self._path_sites:
-            fn = self._path_distribution(name, trace, reference, bridges, args, kwargs)
+        for name in self._path_sites:  # in model order: a later path may start from an earlier
+            trace, prior, bridge = self._prepass(name, values, args, kwargs)
+            fn = self._path_distribution(name, trace, prior, bridge, args, kwargs)
             with self._plate_stack(name, plates):
                 values[name] = pyro.sample(name, fn)
         return values

@@ -199,3 +199,28 @@ def test_global_parameter_posterior_matches_quadrature():
     # The guide's mean is estimated to 0.016 exact sd (= sd / sqrt(4000)); the floor is 0.1.
     assert abs(theta.mean() - exact_mean) <= 0.1 * exact_sd
     assert abs(theta.std() / exact_sd - 1) <= 0.2
+
+
+def two_stage_model(y, times):
+    """The second path starts where the first ends."""
+    first = pyro.sample("first", LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1), times))
+    second = pyro.sample("second", LatentDiffusion(lambda t, x: x.sin(), 0.5, first[..., -1, :],
+                                                   times))
+    pyro.sample("y", dist.Normal(second[..., -1, :], 0.2).to_event(1), obs=y)
+
+
+def test_a_later_path_starts_from_the_guides_earlier_path():
+    times = torch.linspace(0, 1, 6)
+    y = torch.tensor([0.7])
+    guide = DiffusionGuide(two_stage_model)
+    guide_trace = poutine.trace(guide).get_trace(y, times)
+    model_trace = poutine.trace(poutine.replay(two_stage_model, trace=guide_trace)).get_trace(
+        y, times)
+    for name in ("first", "second"):  # at initialisation the guide is the prior, given upstream
+        value = guide_trace.nodes[name]["value"]
+        assert torch.allclose(guide_trace.nodes[name]["fn"].log_prob(value),
+                              model_trace.nodes[name]["fn"].log_prob(value), atol=1e-10)
+    second_fn = guide_trace.nodes["second"]["fn"]
+    assert torch.equal(second_fn.fn.x0, guide_trace.nodes["first"]["value"][..., -1, :])
+    estimate = log_evidence(two_stage_model, guide, y, times, num_samples=200)
+    assert torch.isfinite(estimate)
