@@ -14,7 +14,7 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._validation import check_positive_int
+from ._validation import check_positive_int, check_signature
 from .guide import DiffusionGuide
 from .infer import fit
 
@@ -207,6 +207,7 @@ def calibrate(
     :param bool progress: show a progress bar over the fits.
     :returns: a :class:`Calibration`.
     """
+    check_signature("model", model, args, kwargs)
     check_positive_int("num_simulations", num_simulations)
     check_positive_int("num_samples", num_samples)
     check_positive_int("simulations_per_fit", simulations_per_fit)

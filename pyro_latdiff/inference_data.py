@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._validation import check_positive_int
 from .guide import latent_diffusion_of
-from .infer import _guess_max_plate_nesting
+from .infer import _check_model_and_guide, _guess_max_plate_nesting
 
 __all__ = [
     "ImportanceDiagnostics",
@@ -201,13 +201,17 @@ def to_inference_data(
         omitted.
     :returns: the :class:`arviz.InferenceData`.
     """
+    _check_model_and_guide(model, guide, args, kwargs)
     check_positive_int("num_samples", num_samples)
     check_positive_int("num_chains", num_chains)
     check_positive_int("num_prior_samples", num_prior_samples, minimum=0)
     num_draws = num_samples * num_chains
     chunk_size = _check_chunk(chunk_size, num_draws)
+    needed = _guess_max_plate_nesting(model, guide, *args, **kwargs)
     if max_plate_nesting is None:
-        max_plate_nesting = _guess_max_plate_nesting(model, guide, *args, **kwargs)
+        max_plate_nesting = needed
+    else:
+        check_positive_int("max_plate_nesting", max_plate_nesting, minimum=needed)
     layout = _Layout(max_plate_nesting)
     groups: dict[str, dict[str, list]] = {
         name: {} for name in ("posterior", "posterior_predictive", "log_likelihood",

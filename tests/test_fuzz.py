@@ -91,6 +91,21 @@ def fitting(num_steps, num_particles, clip_norm, checkpoint_every, callback, pro
                progress=progress)
 
 
+def inference_data(model_, num_samples, num_chains, num_prior_samples, chunk_size):
+    from pyro_latdiff import to_inference_data
+
+    return to_inference_data(model_, good_guide(), Y, num_samples=num_samples,
+                             num_chains=num_chains, num_prior_samples=num_prior_samples,
+                             chunk_size=chunk_size)
+
+
+def calibration(quantities, num_simulations, num_samples, num_steps, guide_fn):
+    from pyro_latdiff import calibrate
+
+    return calibrate(model, Y, quantities=quantities, num_simulations=num_simulations,
+                     num_samples=num_samples, num_steps=num_steps, guide_fn=guide_fn)
+
+
 def unbiased(fn, drift, x0, t1, sigma, num_samples):
     return expectation(fn, drift, x0, t1, sigma=sigma, num_samples=num_samples)
 
@@ -118,6 +133,8 @@ TARGETS = {
                                   torch.zeros(1, dtype=D), 1.0, 1.0, 16]),
 }
 TARGETS["fit"] = (fitting, TARGETS["fit"][1][1:])
+TARGETS["to_inference_data"] = (inference_data, [model, 3, 2, 0, None])
+TARGETS["calibrate"] = (calibration, [["path"], 2, 3, 1, DiffusionGuide])
 
 
 def cases():
