@@ -24,8 +24,12 @@ from pyro_latdiff.testing import LinearSDE, ou_problem
 
 
 def on(problem: LinearSDE, device) -> LinearSDE:
-    return LinearSDE(*(getattr(problem, f).to(device) for f in
-                       ("A", "c", "sigma", "x0", "times", "H", "obs_scale")))
+    return LinearSDE(
+        *(
+            getattr(problem, f).to(device)
+            for f in ("A", "c", "sigma", "x0", "times", "H", "obs_scale")
+        )
+    )
 
 
 def check_devices(device):
@@ -36,8 +40,7 @@ def check_devices(device):
     if device.type == "cpu":
         return
     try:
-        LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1, dtype=torch.float64),
-                        problem.times)
+        LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1, dtype=torch.float64), problem.times)
     except ValueError as error:
         print("device mismatch ->", error)
     else:
@@ -55,15 +58,18 @@ def check_fit(device, num_steps):
     assert all(p.device.type == device.type for p in guide.parameters())
     estimate = log_evidence(problem.model, guide, y, num_samples=4000)
     with torch.no_grad():
-        terminal = Predictive(problem.model, guide=guide, num_samples=4000,
-                              parallel=True)(y)["path"][:, -1, 0]
+        terminal = Predictive(problem.model, guide=guide, num_samples=4000, parallel=True)(y)[
+            "path"
+        ][:, -1, 0]
     y_cpu = y.cpu()
     mean, cov = cpu_problem.terminal_posterior(y_cpu)
-    print(f"bench A on {device}: {num_steps} steps in {seconds:.1f} s; log_evidence "
-          f"{estimate.item():.4f} +- {estimate.stderr:.4f} (exact "
-          f"{cpu_problem.log_evidence(y_cpu).item():.4f}, ESS {estimate.ess:.0f}/4000); "
-          f"X_T mean {terminal.mean().item():.4f} (exact {mean.item():.4f}), sd "
-          f"{terminal.std().item():.4f} (exact {cov.sqrt().item():.4f})")
+    print(
+        f"bench A on {device}: {num_steps} steps in {seconds:.1f} s; log_evidence "
+        f"{estimate.item():.4f} +- {estimate.stderr:.4f} (exact "
+        f"{cpu_problem.log_evidence(y_cpu).item():.4f}, ESS {estimate.ess:.0f}/4000); "
+        f"X_T mean {terminal.mean().item():.4f} (exact {mean.item():.4f}), sd "
+        f"{terminal.std().item():.4f} (exact {cov.sqrt().item():.4f})"
+    )
 
 
 def step_time(device, num_series, num_steps, repeats):
@@ -77,8 +83,12 @@ def step_time(device, num_series, num_steps, repeats):
             pyro.sample("y", dist.Normal(path[..., -1, :], 0.1).to_event(1), obs=y)
 
     pyro.clear_param_store()
-    svi = SVI(model, DiffusionGuide(model), pyro.optim.Adam({"lr": 1e-3}),
-              Trace_ELBO(num_particles=16, vectorize_particles=True, max_plate_nesting=1))
+    svi = SVI(
+        model,
+        DiffusionGuide(model),
+        pyro.optim.Adam({"lr": 1e-3}),
+        Trace_ELBO(num_particles=16, vectorize_particles=True, max_plate_nesting=1),
+    )
     svi.step(y)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -98,8 +108,9 @@ def main(args):
     check_devices(device)
     if device.type == "cpu":  # a mismatch needs two devices: check with the meta device
         try:
-            LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1, device="meta"),
-                            torch.linspace(0, 1, 3))
+            LatentDiffusion(
+                lambda t, x: -x, 1.0, torch.zeros(1, device="meta"), torch.linspace(0, 1, 3)
+            )
         except ValueError as error:
             print("device mismatch ->", error)
     check_fit(device, args.svi_steps)
@@ -107,8 +118,11 @@ def main(args):
     for num_series in args.num_series:
         cpu = step_time(torch.device("cpu"), num_series, args.num_steps, args.repeats)
         gpu = step_time(device, num_series, args.num_steps, args.repeats)
-        print(f"{num_series:>6} {args.num_steps:>4} {1e3 * cpu:>8.1f} {1e3 * gpu:>8.1f} "
-              f"{cpu / gpu:>7.2f}", flush=True)
+        print(
+            f"{num_series:>6} {args.num_steps:>4} {1e3 * cpu:>8.1f} {1e3 * gpu:>8.1f} "
+            f"{cpu / gpu:>7.2f}",
+            flush=True,
+        )
 
 
 def parse_args(argv=None):

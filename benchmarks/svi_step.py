@@ -51,9 +51,12 @@ def make_model(times, state_dim):
 def library_step(times, y):
     model = make_model(times, y.shape[-1])
     guide = DiffusionGuide(model)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}),
-              Trace_ELBO(num_particles=NUM_PARTICLES, vectorize_particles=True,
-                         max_plate_nesting=1))
+    svi = SVI(
+        model,
+        guide,
+        pyro.optim.Adam({"lr": 1e-3}),
+        Trace_ELBO(num_particles=NUM_PARTICLES, vectorize_particles=True, max_plate_nesting=1),
+    )
     return lambda: svi.step(y)
 
 
@@ -64,8 +67,7 @@ def _normal_log_prob(x, mean, scale):
 def hand_step(times, y):
     """The library's guide and estimator, written by hand."""
     num_steps, state_dim = times.shape[0] - 1, y.shape[-1]
-    net = NeuralDrift(state_dim, context_dim=state_dim, out_dim=2 * state_dim,
-                      time_span=(0.0, 1.0))
+    net = NeuralDrift(state_dim, context_dim=state_dim, out_dim=2 * state_dim, time_span=(0.0, 1.0))
     tables = nn.Parameter(torch.zeros(num_steps, 4, state_dim))
     params = [*net.parameters(), tables]
     optim = torch.optim.Adam(params, lr=1e-3)
@@ -74,8 +76,9 @@ def hand_step(times, y):
 
     def control(k_or_t, x, net_fn, tab):
         t = times[:-1][k_or_t] if isinstance(k_or_t, int) else k_or_t
-        alpha, gamma, delta, beta = (tab[k_or_t] if isinstance(k_or_t, int)
-                                     else tab[:, None, None]).unbind(-2)
+        alpha, gamma, delta, beta = (
+            tab[k_or_t] if isinstance(k_or_t, int) else tab[:, None, None]
+        ).unbind(-2)
         c, log_s = net_fn(t, x, ctx).chunk(2, -1)
         g = (y - x) / OBS_SCALE**2  # gradient of the terminal log-likelihood at x
         return c + gamma * x + delta + alpha * g, (beta + log_s).exp()
@@ -176,8 +179,12 @@ def sdeint_logqp(sde, y0, times, dt):
     return torchsde.sdeint(sde, y0, times, dt=dt, method="euler", logqp=True)
 
 
-VARIANTS = {"library": library_step, "hand": hand_step, "hand_minimal": hand_minimal_step,
-            "torchsde": torchsde_step}
+VARIANTS = {
+    "library": library_step,
+    "hand": hand_step,
+    "hand_minimal": hand_minimal_step,
+    "torchsde": torchsde_step,
+}
 
 
 def measure(batch, state_dim, num_steps, repeats, warmup, variants):
@@ -201,9 +208,11 @@ def main(args):
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     grid = list(itertools.product(args.batch, args.state_dim, args.num_steps))
-    header = (f"{'batch':>5} {'D':>3} {'N':>4} | {'library ms':>10} | {'hand ms':>8} "
-              f"{'lib/hand':>8} | {'minimal ms':>10} {'lib/min':>7} | {'torchsde ms':>11} "
-              f"{'sde/lib':>7}")
+    header = (
+        f"{'batch':>5} {'D':>3} {'N':>4} | {'library ms':>10} | {'hand ms':>8} "
+        f"{'lib/hand':>8} | {'minimal ms':>10} {'lib/min':>7} | {'torchsde ms':>11} "
+        f"{'sde/lib':>7}"
+    )
     print(f"{NUM_PARTICLES} particles per series; mean over {args.repeats} alternated steps")
     print(header)
     print("-" * len(header))
@@ -213,10 +222,13 @@ def main(args):
         ms = {k: 1e3 * v for k, v in t.items()}
         row = (batch, state_dim, num_steps, ms)
         rows.append(row)
-        print(f"{batch:>5} {state_dim:>3} {num_steps:>4} | {ms['library']:>10.1f} | "
-              f"{ms['hand']:>8.1f} {ms['library'] / ms['hand']:>8.2f} | "
-              f"{ms['hand_minimal']:>10.1f} {ms['library'] / ms['hand_minimal']:>7.2f} | "
-              f"{ms['torchsde']:>11.1f} {ms['torchsde'] / ms['library']:>7.1f}", flush=True)
+        print(
+            f"{batch:>5} {state_dim:>3} {num_steps:>4} | {ms['library']:>10.1f} | "
+            f"{ms['hand']:>8.1f} {ms['library'] / ms['hand']:>8.2f} | "
+            f"{ms['hand_minimal']:>10.1f} {ms['library'] / ms['hand_minimal']:>7.2f} | "
+            f"{ms['torchsde']:>11.1f} {ms['torchsde'] / ms['library']:>7.1f}",
+            flush=True,
+        )
     return rows
 
 

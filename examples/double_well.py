@@ -39,11 +39,15 @@ def grid_solution(y, times, sigma, obs_scale, grid_size=3501):
     dx = x[1] - x[0]
     steps = times.diff()
     # First step from the point mass at 0.
-    density = dist.Normal(drift(times[0], torch.zeros(())) * steps[0],
-                          sigma * steps[0].sqrt()).log_prob(x).exp()
+    density = (
+        dist.Normal(drift(times[0], torch.zeros(())) * steps[0], sigma * steps[0].sqrt())
+        .log_prob(x)
+        .exp()
+    )
     for t, h in zip(times[1:-1], steps[1:], strict=True):
-        kernel = dist.Normal((x + drift(t, x) * h).unsqueeze(-1),
-                             sigma * h.sqrt()).log_prob(x).exp()  # [from, to]
+        kernel = (
+            dist.Normal((x + drift(t, x) * h).unsqueeze(-1), sigma * h.sqrt()).log_prob(x).exp()
+        )  # [from, to]
         density = (density.unsqueeze(-1) * kernel).sum(0) * dx
     likelihood = dist.Normal(x, obs_scale).log_prob(torch.as_tensor(y, dtype=x.dtype)).exp()
     evidence = (density * likelihood).sum() * dx
@@ -51,8 +55,13 @@ def grid_solution(y, times, sigma, obs_scale, grid_size=3501):
     mean = (posterior * x).sum() * dx
     sd = ((posterior * (x - mean) ** 2).sum() * dx).sqrt()
     upper = (posterior * (x > 0)).sum() * dx
-    return dict(log_evidence=evidence.log().item(), mean=mean.item(), sd=sd.item(),
-                p_upper=upper.item(), prior_mass=(density.sum() * dx).item())
+    return dict(
+        log_evidence=evidence.log().item(),
+        mean=mean.item(),
+        sd=sd.item(),
+        p_upper=upper.item(),
+        prior_mass=(density.sum() * dx).item(),
+    )
 
 
 def main(args):
@@ -64,34 +73,55 @@ def main(args):
     model_args = (y, times, args.sigma, args.obs_scale)
 
     guide = DiffusionGuide(model)
-    fit(model, guide, *model_args, num_steps=args.svi_steps,
-        num_particles=args.num_particles, progress=not args.smoke)
+    fit(
+        model,
+        guide,
+        *model_args,
+        num_steps=args.svi_steps,
+        num_particles=args.num_particles,
+        progress=not args.smoke,
+    )
 
     exact = grid_solution(args.y, times, args.sigma, args.obs_scale, args.grid_size)
     elbo = -Trace_ELBO(num_particles=args.num_samples, vectorize_particles=True).loss(
-        model, guide, *model_args)
+        model, guide, *model_args
+    )
     estimate = log_evidence(model, guide, *model_args, num_samples=args.num_samples)
     with torch.no_grad():
-        terminal = Predictive(model, guide=guide, num_samples=args.num_samples,
-                              parallel=True)(*model_args)["path"][:, -1, 0]
+        terminal = Predictive(model, guide=guide, num_samples=args.num_samples, parallel=True)(
+            *model_args
+        )["path"][:, -1, 0]
     with torch.no_grad():  # importance weights and the draws they belong to
         log_w, _, guide_trace = vectorized_importance_weights(
-            model, guide, *model_args, num_samples=args.num_samples, max_plate_nesting=0)
+            model, guide, *model_args, num_samples=args.num_samples, max_plate_nesting=0
+        )
     weights = torch.softmax(log_w, 0)
     drawn = guide_trace.nodes["path"]["value"][..., -1, 0]
     print(f"grid mass check {exact['prior_mass']:.6f} (should be 1)")
-    print(f"log p(y)   exact {exact['log_evidence']:.4f}   ELBO {elbo:.4f}   "
-          f"log_evidence {estimate.item():.4f} +- {estimate.stderr:.4f} "
-          f"(ESS {estimate.ess:.0f}/{args.num_samples})")
-    print(f"X_T | y    exact mean {exact['mean']:.4f} sd {exact['sd']:.4f} "
-          f"P(X_T > 0) {exact['p_upper']:.4f}")
-    print(f"           guide mean {terminal.mean():.4f} sd {terminal.std():.4f} "
-          f"P(X_T > 0) {(terminal > 0).double().mean():.4f}")
+    print(
+        f"log p(y)   exact {exact['log_evidence']:.4f}   ELBO {elbo:.4f}   "
+        f"log_evidence {estimate.item():.4f} +- {estimate.stderr:.4f} "
+        f"(ESS {estimate.ess:.0f}/{args.num_samples})"
+    )
+    print(
+        f"X_T | y    exact mean {exact['mean']:.4f} sd {exact['sd']:.4f} "
+        f"P(X_T > 0) {exact['p_upper']:.4f}"
+    )
+    print(
+        f"           guide mean {terminal.mean():.4f} sd {terminal.std():.4f} "
+        f"P(X_T > 0) {(terminal > 0).double().mean():.4f}"
+    )
     reweighted = (weights * drawn).sum().item()
     print(f"           importance-reweighted mean {reweighted:.4f}")
-    return dict(exact=exact, elbo=elbo, log_evidence=estimate.item(),
-                stderr=estimate.stderr, mean=terminal.mean().item(),
-                sd=terminal.std().item(), p_upper=(terminal > 0).double().mean().item())
+    return dict(
+        exact=exact,
+        elbo=elbo,
+        log_evidence=estimate.item(),
+        stderr=estimate.stderr,
+        mean=terminal.mean().item(),
+        sd=terminal.std().item(),
+        p_upper=(terminal > 0).double().mean().item(),
+    )
 
 
 def parse_args(argv=None):
@@ -104,8 +134,9 @@ def parse_args(argv=None):
     parser.add_argument("--svi-steps", type=int, default=1500)
     parser.add_argument("--num-particles", type=int, default=16)
     parser.add_argument("--num-samples", type=int, default=4000)
-    parser.add_argument("--grid-size", type=int, default=3501,
-                        help="states in the exact grid computation")
+    parser.add_argument(
+        "--grid-size", type=int, default=3501, help="states in the exact grid computation"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)

@@ -31,21 +31,32 @@ def main(args):
     y = problem.simulate(args.theta, args.num_series)
 
     guide = DiffusionGuide(problem.model)
-    fit(problem.model, guide, y, num_steps=args.svi_steps, num_particles=args.num_particles,
-        progress=not args.smoke)
+    fit(
+        problem.model,
+        guide,
+        y,
+        num_steps=args.svi_steps,
+        num_particles=args.num_particles,
+        progress=not args.smoke,
+    )
 
     _, _, exact_mean, exact_sd = problem.exact_posterior(y)
     with torch.no_grad():
-        theta = Predictive(problem.model, guide=guide, num_samples=args.num_samples,
-                           return_sites=["theta"])(y)["theta"]
+        theta = Predictive(
+            problem.model, guide=guide, num_samples=args.num_samples, return_sites=["theta"]
+        )(y)["theta"]
     mean, sd = theta.mean().item(), theta.std().item()
     estimate = log_evidence(problem.model, guide, y, num_samples=args.num_samples)
     print(f"theta | y   guide mean {mean:.4f}  sd {sd:.4f}")
     print(f"            exact mean {exact_mean:.4f}  sd {exact_sd:.4f}")
-    print(f"mean error {abs(mean - exact_mean) / exact_sd:.3f} posterior sd; "
-          f"sd ratio {sd / exact_sd:.3f}")
-    print(f"log_evidence {estimate.item():.4f} +- {estimate.stderr:.4f}  "
-          f"ESS {estimate.ess:.0f}/{args.num_samples}")
+    print(
+        f"mean error {abs(mean - exact_mean) / exact_sd:.3f} posterior sd; "
+        f"sd ratio {sd / exact_sd:.3f}"
+    )
+    print(
+        f"log_evidence {estimate.item():.4f} +- {estimate.stderr:.4f}  "
+        f"ESS {estimate.ess:.0f}/{args.num_samples}"
+    )
     return dict(mean=mean, sd=sd, exact_mean=exact_mean.item(), exact_sd=exact_sd.item())
 
 

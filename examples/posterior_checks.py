@@ -45,8 +45,9 @@ def bench_a(args) -> dict:
     y = torch.tensor([1.5])
     guide = DiffusionGuide(problem.model)
     fit(problem.model, guide, y, num_steps=args.svi_steps, progress=not args.smoke)
-    data = to_inference_data(problem.model, guide, y, num_samples=args.num_samples,
-                             num_prior_samples=args.num_samples)
+    data = to_inference_data(
+        problem.model, guide, y, num_samples=args.num_samples, num_prior_samples=args.num_samples
+    )
     diagnostics = psis_diagnostics(data)
     mean, cov = problem.terminal_posterior(y)
     mean, sd = mean.item(), cov.sqrt().item()
@@ -55,22 +56,30 @@ def bench_a(args) -> dict:
     print(az.summary(data, var_names=["path"], coords={"time": [t_end]}))
     print(diagnostics)
     corrected = importance_mean(data, lambda post: post["path"].isel(time=-1, state=0))
-    print(f"X_T | y: guide mean {data.posterior['path'].isel(time=-1).mean().item():.4f}, "
-          f"PSIS-corrected {corrected.item():.4f}, exact {mean:.4f} (sd {sd:.4f})")
+    print(
+        f"X_T | y: guide mean {data.posterior['path'].isel(time=-1).mean().item():.4f}, "
+        f"PSIS-corrected {corrected.item():.4f}, exact {mean:.4f} (sd {sd:.4f})"
+    )
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     plot_paths(data, ax=axes[0])
     axes[0].errorbar([t_end], [1.5], yerr=[0.2], fmt="o", color="k", label="y (2 sd)")
     axes[0].set_title("Bench A: posterior paths against the prior")
     axes[0].legend(fontsize=7, ncol=2)
-    plot_terminal(data, ax=axes[1], density=lambda x: np.exp(-0.5 * ((x - mean) / sd) ** 2)
-                  / (sd * math.sqrt(2 * math.pi)))
+    plot_terminal(
+        data,
+        ax=axes[1],
+        density=lambda x: np.exp(-0.5 * ((x - mean) / sd) ** 2) / (sd * math.sqrt(2 * math.pi)),
+    )
     axes[1].set_title("X_T | y: guide, PSIS-weighted and exact")
     fig.tight_layout()
     fig.savefig(os.path.join(args.outdir, "posterior_checks_bench_a.png"), dpi=110)
     plt.close(fig)
-    return dict(bench_a_k_hat=diagnostics.k_hat, bench_a_terminal_mean=corrected.item(),
-                bench_a_exact_mean=mean)
+    return dict(
+        bench_a_k_hat=diagnostics.k_hat,
+        bench_a_terminal_mean=corrected.item(),
+        bench_a_exact_mean=mean,
+    )
 
 
 def global_model(args) -> dict:
@@ -88,16 +97,22 @@ def global_model(args) -> dict:
     loo = az.loo(data)
     print(loo)
     print(diagnostics)
-    print(f"theta | y: guide mean {data.posterior['theta'].mean().item():.4f}, "
-          f"PSIS-corrected {corrected:.4f}, exact {exact_mean:.4f} (sd {exact_sd:.4f})")
+    print(
+        f"theta | y: guide mean {data.posterior['theta'].mean().item():.4f}, "
+        f"PSIS-corrected {corrected:.4f}, exact {exact_mean:.4f} (sd {exact_sd:.4f})"
+    )
 
     az.plot_ppc(data, num_pp_samples=min(100, args.num_samples), random_seed=args.seed)
     plt.gcf().savefig(os.path.join(args.outdir, "posterior_checks_ppc.png"), dpi=110)
     az.plot_posterior(data, var_names=["theta"], ref_val=float(exact_mean))
     plt.gcf().savefig(os.path.join(args.outdir, "posterior_checks_theta.png"), dpi=110)
     plt.close("all")
-    return dict(global_k_hat=diagnostics.k_hat, elpd_loo=float(loo.elpd_loo),
-                theta_mean=corrected, theta_exact_mean=float(exact_mean))
+    return dict(
+        global_k_hat=diagnostics.k_hat,
+        elpd_loo=float(loo.elpd_loo),
+        theta_mean=corrected,
+        theta_exact_mean=float(exact_mean),
+    )
 
 
 def sbc(args) -> dict:
@@ -108,13 +123,24 @@ def sbc(args) -> dict:
     steps = args.sbc_steps
 
     def fit_fn(model, guide, *fit_args):
-        fit(model, guide, *fit_args, num_steps=steps, num_particles=4, progress=False,
-            optim=default_optim(steps, lr=0.05, final_lr=0.005))
+        fit(
+            model,
+            guide,
+            *fit_args,
+            num_steps=steps,
+            num_particles=4,
+            progress=False,
+            optim=default_optim(steps, lr=0.05, final_lr=0.005),
+        )
 
     result = calibrate(
-        problem.model, y, quantities=["theta"],
-        num_simulations=args.sbc_simulations, num_samples=99,
-        simulations_per_fit=args.sbc_simulations, fit_fn=fit_fn,
+        problem.model,
+        y,
+        quantities=["theta"],
+        num_simulations=args.sbc_simulations,
+        num_samples=99,
+        simulations_per_fit=args.sbc_simulations,
+        fit_fn=fit_fn,
         guide_fn=lambda model: DiffusionGuide(model, hidden_dims=(32,)),
     )
     print(f"\n== {result}")

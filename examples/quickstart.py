@@ -41,8 +41,14 @@ def main(args):
     y = torch.tensor([args.y])
 
     guide = DiffusionGuide(problem.model)
-    losses = fit(problem.model, guide, y, num_steps=args.svi_steps,
-                 num_particles=args.num_particles, progress=not args.smoke)
+    losses = fit(
+        problem.model,
+        guide,
+        y,
+        num_steps=args.svi_steps,
+        num_particles=args.num_particles,
+        progress=not args.smoke,
+    )
 
     elbo_loss = Trace_ELBO(num_particles=args.num_samples, vectorize_particles=True)
     elbo = -elbo_loss.loss(problem.model, guide, y)
@@ -50,12 +56,15 @@ def main(args):
     exact = problem.log_evidence(y).item()
     mean, cov = problem.terminal_posterior(y)
     with torch.no_grad():
-        posterior = Predictive(problem.model, guide=guide, num_samples=args.num_samples,
-                               parallel=True)(y)["path"][..., 0]
+        posterior = Predictive(
+            problem.model, guide=guide, num_samples=args.num_samples, parallel=True
+        )(y)["path"][..., 0]
     terminal = posterior[:, -1]
     print(f"ELBO           {elbo:9.4f}   (gap to exact {exact - elbo:.4f} nats)")
-    print(f"log_evidence   {estimate.item():9.4f} +- {estimate.stderr:.4f}   "
-          f"ESS {estimate.ess:.0f}/{args.num_samples}")
+    print(
+        f"log_evidence   {estimate.item():9.4f} +- {estimate.stderr:.4f}   "
+        f"ESS {estimate.ess:.0f}/{args.num_samples}"
+    )
     print(f"exact log p(y) {exact:9.4f}")
     print(f"X_T | y mean   {terminal.mean():9.4f}   exact {mean.item():.4f}")
     print(f"X_T | y sd     {terminal.std():9.4f}   exact {cov.sqrt().item():.4f}")
@@ -65,8 +74,13 @@ def main(args):
     prior = problem.distribution().sample((args.num_samples,))[..., 0]
     fig, ax = plt.subplots(figsize=(7, 4))
     fan_chart(ax, times, torch.cat([torch.zeros(len(prior), 1), prior], 1), "tab:gray", "prior")
-    fan_chart(ax, times, torch.cat([torch.zeros(len(posterior), 1), posterior], 1),
-              "tab:blue", "posterior")
+    fan_chart(
+        ax,
+        times,
+        torch.cat([torch.zeros(len(posterior), 1), posterior], 1),
+        "tab:blue",
+        "posterior",
+    )
     ax.errorbar([times[-1]], [args.y], yerr=[0.2], fmt="o", color="k", label="y (2 sd)")
     ax.set(xlabel="t", ylabel="X_t", title="OU path: prior and posterior given y at T")
     ax.legend(fontsize=7, ncol=2)
@@ -80,8 +94,13 @@ def main(args):
     fig.tight_layout()
     fig.savefig(os.path.join(args.outdir, "quickstart_loss.png"), dpi=120)
     plt.close("all")
-    return dict(elbo=elbo, log_evidence=estimate.item(), exact=exact,
-                mean=terminal.mean().item(), sd=terminal.std().item())
+    return dict(
+        elbo=elbo,
+        log_evidence=estimate.item(),
+        exact=exact,
+        mean=terminal.mean().item(),
+        sd=terminal.std().item(),
+    )
 
 
 def parse_args(argv=None):

@@ -125,9 +125,13 @@ def check_widths(hidden_dims) -> None:
 
 
 def check_time_span(time_span) -> tuple[float, float]:
-    ok = isinstance(time_span, (tuple, list)) and len(time_span) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        for v in time_span
+    ok = (
+        isinstance(time_span, (tuple, list))
+        and len(time_span) == 2
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in time_span
+        )
     )
     if not ok or not time_span[1] > time_span[0]:
         raise ValueError(

@@ -47,8 +47,7 @@ def rank_test(ranks, num_samples: int, num_bins: int | None = None) -> tuple[flo
     ranks = np.asarray(ranks).reshape(-1)
     if ranks.size == 0:
         raise ValueError("Expected `ranks` to be non-empty, actual size 0")
-    if not np.issubdtype(ranks.dtype, np.integer) or ranks.min() < 0 or (
-            ranks.max() > num_samples):
+    if not np.issubdtype(ranks.dtype, np.integer) or ranks.min() < 0 or (ranks.max() > num_samples):
         raise ValueError(
             f"Expected `ranks` to be integers in [0, {num_samples}] (num_samples), actual "
             f"dtype {ranks.dtype}, range [{ranks.min()}, {ranks.max()}]"
@@ -62,8 +61,9 @@ def rank_test(ranks, num_samples: int, num_bins: int | None = None) -> tuple[flo
         )
     bins = ranks * num_bins // (num_samples + 1)
     observed = np.bincount(bins, minlength=num_bins)
-    per_bin = np.bincount(np.arange(num_samples + 1) * num_bins // (num_samples + 1),
-                          minlength=num_bins)
+    per_bin = np.bincount(
+        np.arange(num_samples + 1) * num_bins // (num_samples + 1), minlength=num_bins
+    )
     expected = ranks.size * per_bin / (num_samples + 1)
     statistic, p_value = stats.chisquare(observed, expected)
     return float(statistic), float(p_value)
@@ -95,8 +95,10 @@ class Calibration:
         return {name: p for name, (_, p) in self.test(num_bins).items()}
 
     def __str__(self) -> str:
-        lines = [f"SBC: {self.num_simulations} simulations, {self.num_samples} posterior "
-                 "draws each; chi-square test of uniform ranks"]
+        lines = [
+            f"SBC: {self.num_simulations} simulations, {self.num_samples} posterior "
+            "draws each; chi-square test of uniform ranks"
+        ]
         for name, (statistic, p_value) in self.test().items():
             lines.append(f"  {name:20s} chi2 {statistic:8.2f}   p-value {p_value:.4f}")
         return "\n".join(lines)
@@ -111,8 +113,16 @@ def _replicate(fn: Callable, name: str, size: int, dim: int) -> Callable:
 
 
 def _max_plate_nesting(trace) -> int:
-    return max((-f.dim for site in trace.nodes.values() if site["type"] == "sample"
-                for f in site["cond_indep_stack"] if f.vectorized), default=0)
+    return max(
+        (
+            -f.dim
+            for site in trace.nodes.values()
+            if site["type"] == "sample"
+            for f in site["cond_indep_stack"]
+            if f.vectorized
+        ),
+        default=0,
+    )
 
 
 def _aligned(value: Tensor, event_dim: int, rank: int) -> Tensor:
@@ -218,7 +228,8 @@ def calibrate(
     fit_fn = _default_fit(num_steps) if fit_fn is None else fit_fn
     with poutine.block(), torch.no_grad():
         nesting = _max_plate_nesting(
-            poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs))
+            poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs)
+        )
     ranks: dict[str, list[np.ndarray]] = {}
     starts = range(0, num_simulations, simulations_per_fit)
     for start in tqdm(starts, disable=not progress, desc="SBC"):
@@ -262,9 +273,9 @@ def calibrate(
                 less = (samples < reference).sum(0)
                 ties = (samples == reference).sum(0)
                 rank = less + (torch.rand(ties.shape) * (ties + 1)).floor().long()
-                names = [qname] if rank.numel() == 1 else [
-                    f"{qname}[{j}]" for j in range(rank.numel())]
+                names = (
+                    [qname] if rank.numel() == 1 else [f"{qname}[{j}]" for j in range(rank.numel())]
+                )
                 for key, r in zip(names, rank.tolist(), strict=True):
                     ranks.setdefault(key, []).append(r)
-    return Calibration({k: np.asarray(v, dtype=np.int64) for k, v in ranks.items()},
-                       num_samples)
+    return Calibration({k: np.asarray(v, dtype=np.int64) for k, v in ranks.items()}, num_samples)

@@ -88,8 +88,12 @@ class _ReferencePaths(Messenger):
         x0 = fn.x0.detach().expand(batch + fn.x0.shape[-1:])
         terminal = x0.clone().requires_grad_()
         path = torch.cat(
-            [x0.unsqueeze(-2).expand(batch + (fn.num_steps - 1, fn.state_dim)),
-             terminal.unsqueeze(-2)], dim=-2)
+            [
+                x0.unsqueeze(-2).expand(batch + (fn.num_steps - 1, fn.state_dim)),
+                terminal.unsqueeze(-2),
+            ],
+            dim=-2,
+        )
         self.terminals[msg["name"]] = terminal
         self.fns[msg["name"]] = fn
         msg["value"] = path
@@ -144,12 +148,25 @@ class _StepNet(nn.Module):
     offset ``delta`` and a log-scale ``beta``. Everything starts at zero.
     """
 
-    def __init__(self, num_steps: int, state_dim: int, context_dim: int, time_span,
-                 hidden_dims: Sequence[int], num_frequencies: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        num_steps: int,
+        state_dim: int,
+        context_dim: int,
+        time_span,
+        hidden_dims: Sequence[int],
+        num_frequencies: int,
+        dtype: torch.dtype,
+    ):
         super().__init__()
-        self.net = NeuralDrift(state_dim, context_dim=context_dim, out_dim=2 * state_dim,
-                               hidden_dims=hidden_dims, num_frequencies=num_frequencies,
-                               time_span=time_span).to(dtype)
+        self.net = NeuralDrift(
+            state_dim,
+            context_dim=context_dim,
+            out_dim=2 * state_dim,
+            hidden_dims=hidden_dims,
+            num_frequencies=num_frequencies,
+            time_span=time_span,
+        ).to(dtype)
         self.tables = nn.Parameter(torch.zeros(num_steps, 4, state_dim, dtype=dtype))
 
 
@@ -166,8 +183,14 @@ class _ControlledChain:
     the same ``(t, x)``).
     """
 
-    def __init__(self, prior: LatentDiffusion, net: Callable, tables: Tensor,
-                 context: Tensor | None, bridge: tuple | None):
+    def __init__(
+        self,
+        prior: LatentDiffusion,
+        net: Callable,
+        tables: Tensor,
+        context: Tensor | None,
+        bridge: tuple | None,
+    ):
         self.prior = prior
         self.net = net
         self.tables = tables
@@ -177,8 +200,11 @@ class _ControlledChain:
             grad, hessian, reference = bridge
             self.bridge = (grad - (hessian @ reference.unsqueeze(-1)).squeeze(-1), hessian)
         sigma = prior.diffusion
-        self.sigma = None if callable(sigma) else torch.as_tensor(
-            sigma, dtype=prior.x0.dtype, device=prior.x0.device)
+        self.sigma = (
+            None
+            if callable(sigma)
+            else torch.as_tensor(sigma, dtype=prior.x0.dtype, device=prior.x0.device)
+        )
         # Simulation calls come one grid time at a time: look the step up by value.
         self._step_of_time = {t: k for k, t in enumerate(prior.times[:-1].tolist())}
         self._rows: tuple[Tensor, ...] | None = None
@@ -206,8 +232,7 @@ class _ControlledChain:
             offset, hessian = self.bridge
             g = offset + (hessian @ x.unsqueeze(-1)).squeeze(-1)
             control = control + alpha * sigma * g
-        result = (self.prior.drift(t, x) + sigma * control,
-                  sigma * torch.exp(beta + log_scale))
+        result = (self.prior.drift(t, x) + sigma * control, sigma * torch.exp(beta + log_scale))
         self._cache = (t, x, result)
         return result
 
@@ -309,8 +334,12 @@ class DiffusionGuide(AutoGuide):
             raise TypeError(
                 f"Expected `create_plates` to be callable or None, actual {create_plates!r}"
             )
-        if (isinstance(init_scale, bool) or not isinstance(init_scale, (int, float))
-                or not math.isfinite(init_scale) or not init_scale > 0):
+        if (
+            isinstance(init_scale, bool)
+            or not isinstance(init_scale, (int, float))
+            or not math.isfinite(init_scale)
+            or not init_scale > 0
+        ):
             raise ValueError(f"Expected `init_scale` to be a positive float, actual {init_scale!r}")
         self.hidden_dims = tuple(hidden_dims)
         self.num_frequencies = num_frequencies
@@ -365,9 +394,14 @@ class DiffusionGuide(AutoGuide):
             context = self._context(name, self.prototype_trace, args, kwargs, fn.x0)
             times = fn.times
             self.step_nets[self._key(name)] = _StepNet(
-                fn.num_steps, fn.state_dim, 0 if context is None else context.shape[-1],
-                (times[0].item(), times[-1].item()), self.hidden_dims,
-                self.num_frequencies, fn.x0.dtype).to(fn.x0.device)
+                fn.num_steps,
+                fn.state_dim,
+                0 if context is None else context.shape[-1],
+                (times[0].item(), times[-1].item()),
+                self.hidden_dims,
+                self.num_frequencies,
+                fn.x0.dtype,
+            ).to(fn.x0.device)
 
     @staticmethod
     def _key(name: str) -> str:
@@ -405,8 +439,9 @@ class DiffusionGuide(AutoGuide):
         init_loc, init_log_scale = self._init_normal[name]
         event_dim = self._event_dims[name]
         loc = pyro.param(f"{self._pyro_name}.locs.{name}", init_loc, event_dim=event_dim)
-        log_scale = pyro.param(f"{self._pyro_name}.log_scales.{name}", init_log_scale,
-                               event_dim=event_dim)
+        log_scale = pyro.param(
+            f"{self._pyro_name}.log_scales.{name}", init_log_scale, event_dim=event_dim
+        )
         support = self.prototype_trace.nodes[name]["fn"].support
         transform = biject_to(support).with_cache(1)
 
@@ -433,10 +468,8 @@ class DiffusionGuide(AutoGuide):
                 # Observations and the guide's values of other latents; not the paths
                 # (earlier ones do not depend on this one, later ones are references).
                 paths = set(self._path_sites)
-                trace.compute_log_prob(site_filter=lambda n, s: s["is_observed"]
-                                       and n not in paths)
-                log_lik = sum(s["log_prob"].sum() for s in trace.nodes.values()
-                              if "log_prob" in s)
+                trace.compute_log_prob(site_filter=lambda n, s: s["is_observed"] and n not in paths)
+                log_lik = sum(s["log_prob"].sum() for s in trace.nodes.values() if "log_prob" in s)
                 bridge = self._linearise(log_lik, reference.terminals[site])
         return trace, reference.fns[site], bridge
 
@@ -451,8 +484,13 @@ class DiffusionGuide(AutoGuide):
             return None
         rows = []
         for i in range(terminal.shape[-1]):
-            (row,) = torch.autograd.grad(grad[..., i].sum(), terminal, create_graph=True,
-                                         retain_graph=True, allow_unused=True)
+            (row,) = torch.autograd.grad(
+                grad[..., i].sum(),
+                terminal,
+                create_graph=True,
+                retain_graph=True,
+                allow_unused=True,
+            )
             rows.append(torch.zeros_like(terminal) if row is None else row)
         return grad, torch.stack(rows, dim=-2), terminal.detach()
 
@@ -462,8 +500,9 @@ class DiffusionGuide(AutoGuide):
 
         def chain(net, tables):
             controlled = _ControlledChain(prior, net, tables, context, bridge)
-            return LatentDiffusion(controlled.drift, controlled.diffusion, prior.x0,
-                                   prior.times, validate_args=False)
+            return LatentDiffusion(
+                controlled.drift, controlled.diffusion, prior.x0, prior.times, validate_args=False
+            )
 
         fn = chain(step_net.net, step_net.tables)
         if not self.path_derivative:
@@ -501,4 +540,3 @@ class DiffusionGuide(AutoGuide):
     def median(self, *args, **kwargs) -> dict[str, Tensor]:
         """Not defined for path sites; use :class:`~pyro.infer.Predictive` samples."""
         raise NotImplementedError("DiffusionGuide has no closed-form median; draw samples")
-

@@ -90,8 +90,12 @@ def log_evidence(
         for start in range(0, num_samples, chunk_size):
             size = min(chunk_size, num_samples - start)
             log_w, _, _ = vectorized_importance_weights(
-                model, guide, *args, num_samples=size,
-                max_plate_nesting=max_plate_nesting, **kwargs,
+                model,
+                guide,
+                *args,
+                num_samples=size,
+                max_plate_nesting=max_plate_nesting,
+                **kwargs,
             )
             chunks.append(log_w.reshape(-1))
     log_weights = torch.cat(chunks)
@@ -143,7 +147,8 @@ def _nonfinite_sites(model, guide, args, kwargs) -> list[str]:
     with poutine.block(), torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs)
+            *args, **kwargs
+        )
         for trace in (guide_trace, model_trace):
             for name, site in trace.nodes.items():
                 if site["type"] != "sample" or name in bad:
@@ -159,20 +164,28 @@ def _nonfinite_sites(model, guide, args, kwargs) -> list[str]:
 
 
 def _diverged(step, loss, bad_params, model, guide, args, kwargs, losses):
-    what = f"the loss is {loss}" if not math.isfinite(loss) else (
-        f"gradients of {bad_params} are not finite")
+    what = (
+        f"the loss is {loss}"
+        if not math.isfinite(loss)
+        else (f"gradients of {bad_params} are not finite")
+    )
     try:
         sites = _nonfinite_sites(model, guide, args, kwargs)
     except Exception as error:  # the diagnosis must not hide the divergence
         sites = [f"<diagnosis failed: {type(error).__name__}>"]
-    where = f"non-finite values or densities at sites {sites}" if sites else (
-        "no site is non-finite on a fresh draw (a rare draw diverged)")
+    where = (
+        f"non-finite values or densities at sites {sites}"
+        if sites
+        else ("no site is non-finite on a fresh draw (a rare draw diverged)")
+    )
     return FitDivergedError(
         f"fit stopped at step {step}: {what}; {where}. Likely cause: a learning rate too "
         "large for this model or a stiff drift (paths blow up within one Euler step): "
         "lower the learning rate, pass clip_norm, or refine the time grid. The parameters "
         f"and optimiser state are those after step {step - 1}, the last finite one.",
-        step, losses)
+        step,
+        losses,
+    )
 
 
 def _save_checkpoint(path: str, svi: SVI, step: int, losses: list[float], rng) -> None:
@@ -191,8 +204,11 @@ def _save_checkpoint(path: str, svi: SVI, step: int, losses: list[float], rng) -
 
 
 def _rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": np.random.get_state()}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
 
 
 def _set_rng_state(state) -> None:
@@ -248,8 +264,9 @@ def fit(
     check_positive_int("num_steps", num_steps)
     check_positive_int("num_particles", num_particles)
     check_positive_int("checkpoint_every", checkpoint_every)
-    if clip_norm is not None and not (isinstance(clip_norm, (int, float))
-                                      and math.isfinite(clip_norm) and clip_norm > 0):
+    if clip_norm is not None and not (
+        isinstance(clip_norm, (int, float)) and math.isfinite(clip_norm) and clip_norm > 0
+    ):
         raise ValueError(
             f"Expected `clip_norm` to be a positive float or None, actual {clip_norm!r}"
         )
@@ -259,9 +276,7 @@ def fit(
             f"Expected `optim` to be a pyro.optim optimiser, actual {type(optim).__name__}"
         )
     if loss is not None and not hasattr(loss, "loss_and_grads"):
-        raise TypeError(
-            f"Expected `loss` to be a pyro.infer ELBO, actual {type(loss).__name__}"
-        )
+        raise TypeError(f"Expected `loss` to be a pyro.infer ELBO, actual {type(loss).__name__}")
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(
             f"Expected `checkpoint` to be a path or None, actual {type(checkpoint).__name__}"
@@ -273,8 +288,9 @@ def fit(
     optim = default_optim(num_steps) if optim is None else optim
     if loss is None:
         nesting = _guess_max_plate_nesting(model, guide, *args, **kwargs)
-        loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
-                          max_plate_nesting=nesting)
+        loss = Trace_ELBO(
+            num_particles=num_particles, vectorize_particles=True, max_plate_nesting=nesting
+        )
     svi = SVI(model, guide, optim, loss)
     losses: list[float] = []
     start = 0
@@ -318,8 +334,11 @@ def _guarded_step(svi: SVI, step: int, clip_norm, losses, args, kwargs) -> float
         loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
     params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
     loss = float(loss)
-    bad = [name for name, p in params.items()
-           if p.grad is not None and not torch.isfinite(p.grad).all()]
+    bad = [
+        name
+        for name, p in params.items()
+        if p.grad is not None and not torch.isfinite(p.grad).all()
+    ]
     if not math.isfinite(loss) or bad:
         pyro.infer.util.zero_grads(set(params.values()))
         raise _diverged(step, loss, bad, svi.model, svi.guide, args, kwargs, list(losses))

@@ -67,8 +67,13 @@ def _per_draw(log_prob: Tensor, num_samples: int, max_plate_nesting: int) -> Ten
     """Sum a site's log-density over every dimension but the sample dimension."""
     if log_prob.dim() < max_plate_nesting + 1:
         return log_prob.sum().expand(num_samples)
-    return log_prob.reshape(log_prob.shape[: log_prob.dim() - max_plate_nesting - 1]
-                            + (num_samples, -1)).sum(-1).reshape(num_samples)
+    return (
+        log_prob.reshape(
+            log_prob.shape[: log_prob.dim() - max_plate_nesting - 1] + (num_samples, -1)
+        )
+        .sum(-1)
+        .reshape(num_samples)
+    )
 
 
 class _Layout:
@@ -214,8 +219,15 @@ def to_inference_data(
         check_positive_int("max_plate_nesting", max_plate_nesting, minimum=needed)
     layout = _Layout(max_plate_nesting)
     groups: dict[str, dict[str, list]] = {
-        name: {} for name in ("posterior", "posterior_predictive", "log_likelihood",
-                              "sample_stats", "prior", "prior_predictive")
+        name: {}
+        for name in (
+            "posterior",
+            "posterior_predictive",
+            "log_likelihood",
+            "sample_stats",
+            "prior",
+            "prior_predictive",
+        )
     }
     observed: dict[str, np.ndarray] = {}
 
@@ -226,47 +238,58 @@ def to_inference_data(
         for start in range(0, num_draws, chunk_size):
             size = min(chunk_size, num_draws - start)
             guide_trace = poutine.trace(_vectorize(guide, size, max_plate_nesting)).get_trace(
-                *args, **kwargs)
+                *args, **kwargs
+            )
             vectorized_model = _vectorize(model, size, max_plate_nesting)
             model_trace = poutine.trace(
-                poutine.replay(vectorized_model, trace=guide_trace)).get_trace(*args, **kwargs)
-            predictive_trace = poutine.trace(poutine.uncondition(
-                poutine.replay(vectorized_model, trace=guide_trace))).get_trace(*args, **kwargs)
+                poutine.replay(vectorized_model, trace=guide_trace)
+            ).get_trace(*args, **kwargs)
+            predictive_trace = poutine.trace(
+                poutine.uncondition(poutine.replay(vectorized_model, trace=guide_trace))
+            ).get_trace(*args, **kwargs)
             model_trace.compute_log_prob()
             guide_trace.compute_log_prob()
-            log_p = sum(_per_draw(site["log_prob"], size, max_plate_nesting)
-                        for observed_ in (False, True)
-                        for _, site in _sites(model_trace, observed=observed_)
-                        if not _is_deterministic(site))
-            log_q = sum(_per_draw(site["log_prob"], size, max_plate_nesting)
-                        for _, site in _sites(guide_trace, observed=False))
+            log_p = sum(
+                _per_draw(site["log_prob"], size, max_plate_nesting)
+                for observed_ in (False, True)
+                for _, site in _sites(model_trace, observed=observed_)
+                if not _is_deterministic(site)
+            )
+            log_q = sum(
+                _per_draw(site["log_prob"], size, max_plate_nesting)
+                for _, site in _sites(guide_trace, observed=False)
+            )
             append("sample_stats", "lp", log_p.cpu().numpy())
             append("sample_stats", "log_q", torch.as_tensor(log_q).cpu().numpy())
             append("sample_stats", "log_weight", (log_p - log_q).cpu().numpy())
             for name, site in _sites(model_trace, observed=False):
                 _add(layout, name, site, max_plate_nesting)
-                append("posterior", name,
-                       layout.array(name, site["value"], site["fn"].event_dim, 1))
+                append(
+                    "posterior", name, layout.array(name, site["value"], site["fn"].event_dim, 1)
+                )
             for name, site in _sites(model_trace, observed=True):
                 _add(layout, name, site, max_plate_nesting)
                 event_dim = site["fn"].event_dim
-                append("log_likelihood", name,
-                       layout.array(name, site["log_prob"], 0, 1))
+                append("log_likelihood", name, layout.array(name, site["log_prob"], 0, 1))
                 value = predictive_trace.nodes[name]["value"]
-                append("posterior_predictive", name,
-                       layout.array(name, value, event_dim, 1))
+                append("posterior_predictive", name, layout.array(name, value, event_dim, 1))
                 if name not in observed:
                     observed[name] = layout.array(name, site["value"], event_dim, 0)
         for start in range(0, num_prior_samples, chunk_size):
             size = min(chunk_size, num_prior_samples - start)
-            prior_trace = poutine.trace(poutine.uncondition(
-                _vectorize(model, size, max_plate_nesting))).get_trace(*args, **kwargs)
+            prior_trace = poutine.trace(
+                poutine.uncondition(_vectorize(model, size, max_plate_nesting))
+            ).get_trace(*args, **kwargs)
             for name, site in _sites(prior_trace, observed=False):
-                was_observed = (site["infer"].get("was_observed", False)
-                                and not _is_deterministic(site))
+                was_observed = site["infer"].get("was_observed", False) and not _is_deterministic(
+                    site
+                )
                 _add(layout, name, site, max_plate_nesting)
-                append("prior_predictive" if was_observed else "prior", name,
-                       layout.array(name, site["value"], site["fn"].event_dim, 1))
+                append(
+                    "prior_predictive" if was_observed else "prior",
+                    name,
+                    layout.array(name, site["value"], site["fn"].event_dim, 1),
+                )
 
     return _assemble(groups, observed, layout, num_chains, num_samples, num_prior_samples)
 
@@ -275,7 +298,7 @@ def _add(layout: _Layout, name: str, site: dict, max_plate_nesting: int) -> None
     fn = site["fn"]
     batch = fn.batch_shape
     if len(batch) > max_plate_nesting:
-        batch = batch[len(batch) - max_plate_nesting:]  # drop the sample dimension
+        batch = batch[len(batch) - max_plate_nesting :]  # drop the sample dimension
     batch = torch.Size((1,) * (max_plate_nesting - len(batch))) + batch
     layout.add(name, site, batch)
 
@@ -291,12 +314,17 @@ def _event_dims(layout: _Layout, name: str) -> list[str]:
     return layout.dims[name][keep:]
 
 
-def _dataset(arrays: dict[str, np.ndarray], layout: _Layout, dims: dict[str, list[str]],
-             sample_dims: Sequence[str]) -> xr.Dataset:
+def _dataset(
+    arrays: dict[str, np.ndarray],
+    layout: _Layout,
+    dims: dict[str, list[str]],
+    sample_dims: Sequence[str],
+) -> xr.Dataset:
     used = {d for name in arrays for d in dims[name]}
     coords = {d: v for d, v in layout.coords.items() if d in used}
-    return az.dict_to_dataset(arrays, library=pyro, coords=coords, dims=dims,
-                              default_dims=list(sample_dims))
+    return az.dict_to_dataset(
+        arrays, library=pyro, coords=coords, dims=dims, default_dims=list(sample_dims)
+    )
 
 
 def _assemble(groups, observed, layout, num_chains, num_samples, num_prior_samples):
@@ -356,8 +384,10 @@ class ImportanceDiagnostics:
         return "unreliable"
 
     def __str__(self) -> str:
-        return (f"PSIS k-hat {self.k_hat:.3f} ({self.verdict}), importance ESS "
-                f"{self.ess:.1f}/{self.num_draws} (smoothed {self.psis_ess:.1f})")
+        return (
+            f"PSIS k-hat {self.k_hat:.3f} ({self.verdict}), importance ESS "
+            f"{self.ess:.1f}/{self.num_draws} (smoothed {self.psis_ess:.1f})"
+        )
 
 
 def _ess(log_weights: np.ndarray) -> float:
@@ -435,7 +465,10 @@ def importance_mean(
     if var_names is not None:
         posterior = posterior[list(var_names)]
     values = posterior if fn is None else fn(posterior)
-    weights = xr.DataArray(np.exp(log_weights - log_weights.max()), dims=("chain", "draw"),
-                           coords={"chain": posterior.chain, "draw": posterior.draw})
+    weights = xr.DataArray(
+        np.exp(log_weights - log_weights.max()),
+        dims=("chain", "draw"),
+        coords={"chain": posterior.chain, "draw": posterior.draw},
+    )
     weights = weights / weights.sum()
     return (values * weights).sum(("chain", "draw"))

@@ -63,8 +63,9 @@ def _fan(ax, times, paths, color, label) -> None:
     ax.plot(times, q[2], color=color, lw=1.5, label=f"{label} median")
 
 
-def plot_paths(data, var_name: str = "path", *, coords: Mapping | None = None,
-               state: int = 0, ax=None):
+def plot_paths(
+    data, var_name: str = "path", *, coords: Mapping | None = None, state: int = 0, ax=None
+):
     """Fan chart of a path: median, 50% and 90% bands of the posterior over time, and
     of the prior if ``data`` has a ``prior`` group.
 
@@ -85,9 +86,17 @@ def plot_paths(data, var_name: str = "path", *, coords: Mapping | None = None,
     return ax
 
 
-def plot_terminal(data, var_name: str = "path", *, density: Callable | None = None,
-                  coords: Mapping | None = None, state: int = 0, weighted: bool = True,
-                  bins: int = 50, ax=None):
+def plot_terminal(
+    data,
+    var_name: str = "path",
+    *,
+    density: Callable | None = None,
+    coords: Mapping | None = None,
+    state: int = 0,
+    weighted: bool = True,
+    bins: int = 50,
+    ax=None,
+):
     """Histogram of a path's terminal state under the guide, with its PSIS-weighted
     (importance-corrected) version and, where known, the exact density.
 
@@ -110,19 +119,27 @@ def plot_terminal(data, var_name: str = "path", *, density: Callable | None = No
     if weighted:
         diagnostics = psis_diagnostics(data)
         weights = np.exp(diagnostics.log_weights.reshape(-1))
-        ax.hist(terminal, bins=edges, weights=weights, density=True, histtype="step",
-                color="tab:orange", lw=1.5, label=f"PSIS-weighted (k-hat {diagnostics.k_hat:.2f})")
+        ax.hist(
+            terminal,
+            bins=edges,
+            weights=weights,
+            density=True,
+            histtype="step",
+            color="tab:orange",
+            lw=1.5,
+            label=f"PSIS-weighted (k-hat {diagnostics.k_hat:.2f})",
+        )
     if density is not None:
         grid = np.linspace(edges[0], edges[-1], 400)
         ax.plot(grid, density(grid), color="k", lw=1.5, label="exact")
-    ax.set(xlabel=f"{var_name} at t = {float(values[values.dims[-1]][-1]):g}",
-           ylabel="density")
+    ax.set(xlabel=f"{var_name} at t = {float(values[values.dims[-1]][-1]):g}", ylabel="density")
     ax.legend(fontsize=7)
     return ax
 
 
-def plot_ranks(calibration: Calibration, quantity: str | None = None, *,
-               num_bins: int | None = None, ax=None):
+def plot_ranks(
+    calibration: Calibration, quantity: str | None = None, *, num_bins: int | None = None, ax=None
+):
     """SBC rank histogram (Talts et al. 2018) with the expected count and its 99%
     binomial band: a U shape means an over-confident guide, a hump an under-confident
     one, a slope a biased one.
@@ -139,9 +156,7 @@ def plot_ranks(calibration: Calibration, quantity: str | None = None, *,
         )
     quantity = next(iter(calibration.ranks)) if quantity is None else quantity
     if quantity not in calibration.ranks:
-        raise ValueError(
-            f"Expected `quantity` in {list(calibration.ranks)}, actual {quantity!r}"
-        )
+        raise ValueError(f"Expected `quantity` in {list(calibration.ranks)}, actual {quantity!r}")
     ranks = calibration.ranks[quantity]
     statistic, p_value = calibration.test(num_bins)[quantity]
     length = calibration.num_samples + 1
@@ -155,12 +170,22 @@ def plot_ranks(calibration: Calibration, quantity: str | None = None, *,
     lows = stats.binom.ppf(0.005, ranks.size, probs)
     highs = stats.binom.ppf(0.995, ranks.size, probs)
     centres = np.arange(num_bins)
-    ax.fill_between(np.arange(num_bins + 1) - 0.5, np.append(lows, lows[-1]),
-                    np.append(highs, highs[-1]), step="post", color="tab:gray", alpha=0.3,
-                    lw=0, label="99% band if uniform")
+    ax.fill_between(
+        np.arange(num_bins + 1) - 0.5,
+        np.append(lows, lows[-1]),
+        np.append(highs, highs[-1]),
+        step="post",
+        color="tab:gray",
+        alpha=0.3,
+        lw=0,
+        label="99% band if uniform",
+    )
     ax.bar(centres, counts, width=0.9, color="tab:blue", alpha=0.7, label="ranks")
     ax.plot(centres, ranks.size * probs, "k--", lw=1, label="expected")
-    ax.set(xlabel=f"rank bin ({length} ranks in {num_bins} bins)", ylabel="count",
-           title=f"SBC ranks of {quantity}: chi2 {statistic:.1f}, p = {p_value:.3g}")
+    ax.set(
+        xlabel=f"rank bin ({length} ranks in {num_bins} bins)",
+        ylabel="count",
+        title=f"SBC ranks of {quantity}: chi2 {statistic:.1f}, p = {p_value:.3g}",
+    )
     ax.legend(fontsize=7)
     return ax

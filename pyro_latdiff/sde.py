@@ -160,8 +160,9 @@ def solve(
         check_diffusion(diffusion, x0)
     check_output("drift", drift(times[0], x0), x0, positive=False)
     expected = (times.shape[0] - 1,) + tuple(x0.shape)
-    if noise is not None and (not isinstance(noise, Tensor) or tuple(noise.shape) != expected
-                              or noise.dtype != x0.dtype):
+    if noise is not None and (
+        not isinstance(noise, Tensor) or tuple(noise.shape) != expected or noise.dtype != x0.dtype
+    ):
         raise ValueError(
             f"Expected `noise` of shape {expected} and dtype {x0.dtype}, actual "
             f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}"

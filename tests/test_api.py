@@ -4,9 +4,16 @@ import pytest
 
 import pyro_latdiff
 
-MODULES = ["pyro_latdiff", "pyro_latdiff.testing", "pyro_latdiff.unbiased",
-           "pyro_latdiff.inference_data", "pyro_latdiff.calibration", "pyro_latdiff.plots",
-           "pyro_latdiff.sde", "pyro_latdiff.infer"]
+MODULES = [
+    "pyro_latdiff",
+    "pyro_latdiff.testing",
+    "pyro_latdiff.unbiased",
+    "pyro_latdiff.inference_data",
+    "pyro_latdiff.calibration",
+    "pyro_latdiff.plots",
+    "pyro_latdiff.sde",
+    "pyro_latdiff.infer",
+]
 
 
 @pytest.mark.parametrize("module_name", MODULES)
@@ -18,7 +25,13 @@ def test_all_names_resolve_and_are_sorted(module_name):
 
 
 def test_contract_names_are_public():
-    for name in ["LatentDiffusion", "NeuralDrift", "DiffusionGuide", "log_evidence", "fit",
-                 "to_inference_data"]:
+    for name in [
+        "LatentDiffusion",
+        "NeuralDrift",
+        "DiffusionGuide",
+        "log_evidence",
+        "fit",
+        "to_inference_data",
+    ]:
         assert name in pyro_latdiff.__all__
     from pyro_latdiff import to_inference_data  # noqa: F401  (loads ArviZ lazily)

@@ -15,10 +15,13 @@ def load(name):
     return module
 
 
-@pytest.mark.parametrize("name, argv", [
-    ("svi_step", ["--smoke"]),
-    ("gpu_check", ["--device", "cpu", "--smoke"]),
-])
+@pytest.mark.parametrize(
+    "name, argv",
+    [
+        ("svi_step", ["--smoke"]),
+        ("gpu_check", ["--device", "cpu", "--smoke"]),
+    ],
+)
 def test_benchmark_runs_with_smoke(name, argv):
     module = load(name)
     module.main(module.parse_args(argv))

@@ -46,15 +46,15 @@ def test_rank_test_exact_uniform_and_unequal_bins():
     observed = np.bincount(bins, minlength=3)
     expected = len(ranks) * np.array([4, 4, 3]) / 11
     assert rank_test(ranks, num_samples=10, num_bins=3) == pytest.approx(
-        tuple(stats.chisquare(observed, expected)))
+        tuple(stats.chisquare(observed, expected))
+    )
 
 
 def test_rank_test_level_under_uniform_ranks():
     """Under uniform ranks the 1% test rejects 1% of the time (within 4 standard errors)."""
     rng = np.random.default_rng(0)
     trials = 2000
-    rejections = sum(rank_test(rng.integers(0, 100, size=100), 99)[1] < 0.01
-                     for _ in range(trials))
+    rejections = sum(rank_test(rng.integers(0, 100, size=100), 99)[1] < 0.01 for _ in range(trials))
     assert abs(rejections / trials - 0.01) < 4 * math.sqrt(0.01 * 0.99 / trials)
 
 
@@ -86,10 +86,14 @@ def test_calibrate_one_fit_per_simulation(tmp_path):
     times = torch.linspace(0.0, 1.0, 6)
     y = torch.zeros(3)
     result = calibrate(
-        ou_model, y, times, 0.5,
-        quantities={"theta": lambda v: v["theta"],
-                    "terminal": lambda v: v["path"][..., -1, 0]},
-        num_simulations=3, num_samples=19, num_steps=3,
+        ou_model,
+        y,
+        times,
+        0.5,
+        quantities={"theta": lambda v: v["theta"], "terminal": lambda v: v["path"][..., -1, 0]},
+        num_simulations=3,
+        num_samples=19,
+        num_steps=3,
         guide_fn=lambda model: DiffusionGuide(model, hidden_dims=(8,)),
     )
     assert isinstance(result, Calibration)
@@ -131,8 +135,15 @@ def test_calibrate_errors():
 # posterior; halving the scale (ranks u = Phi(2 z)) gives a non-centrality of about 60
 # on 9 degrees of freedom: power > 0.999 (asymptotic), so the over-confident guide
 # fails with high probability.
-SBC = dict(num_series=20, num_steps=10, t_end=2.0, obs_scale=0.5, num_simulations=100,
-           num_samples=99, svi_steps=200)
+SBC = dict(
+    num_series=20,
+    num_steps=10,
+    t_end=2.0,
+    obs_scale=0.5,
+    num_simulations=100,
+    num_samples=99,
+    svi_steps=200,
+)
 
 
 def _sbc(shrink: float) -> Calibration:
@@ -141,18 +152,32 @@ def _sbc(shrink: float) -> Calibration:
     steps = SBC["svi_steps"]
 
     def fit_fn(model, guide, *args, **kwargs):
-        fit(model, guide, *args, num_steps=steps, num_particles=4, progress=False,
-            optim=default_optim(steps, lr=0.05, final_lr=0.005), **kwargs)
+        fit(
+            model,
+            guide,
+            *args,
+            num_steps=steps,
+            num_particles=4,
+            progress=False,
+            optim=default_optim(steps, lr=0.05, final_lr=0.005),
+            **kwargs,
+        )
         if shrink != 1.0:  # a deliberately over-confident guide
             log_scale = pyro.get_param_store()[f"{guide._pyro_name}.log_scales.theta"]
             with torch.no_grad():
                 log_scale.add_(math.log(shrink))
 
     return calibrate(
-        ou_model, y, times, SBC["obs_scale"], quantities=["theta"],
-        num_simulations=SBC["num_simulations"], num_samples=SBC["num_samples"],
+        ou_model,
+        y,
+        times,
+        SBC["obs_scale"],
+        quantities=["theta"],
+        num_simulations=SBC["num_simulations"],
+        num_samples=SBC["num_samples"],
         simulations_per_fit=SBC["num_simulations"],
-        guide_fn=lambda model: DiffusionGuide(model, hidden_dims=(32,)), fit_fn=fit_fn,
+        guide_fn=lambda model: DiffusionGuide(model, hidden_dims=(32,)),
+        fit_fn=fit_fn,
     )
 
 

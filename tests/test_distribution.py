@@ -87,8 +87,9 @@ def test_state_dependent_diffusion_matches_manual_chain(grid):
     d = LatentDiffusion(drift, diffusion, x0, times)
     noise = torch.randn((times.shape[0] - 1, 4, 3, 2), dtype=DTYPE)
     path = solve(drift, diffusion, x0.expand(4, 3, 2), times, noise)
-    assert torch.allclose(path, _manual_chain_sample(drift, diffusion, x0, times, noise),
-                          atol=1e-12)
+    assert torch.allclose(
+        path, _manual_chain_sample(drift, diffusion, x0, times, noise), atol=1e-12
+    )
     expected = _manual_chain_log_prob(drift, diffusion, x0, times, path)
     assert torch.allclose(d.log_prob(path), expected, atol=1e-10)
 
@@ -142,8 +143,12 @@ def ou_model(y, num_series=3):
     with pyro.plate("series", num_series):
         path = pyro.sample(
             "path",
-            LatentDiffusion(lambda t, x: -theta.unsqueeze(-1) * x, 1.0,
-                            torch.zeros(num_series, 1, dtype=DTYPE), GRIDS["uniform"]),
+            LatentDiffusion(
+                lambda t, x: -theta.unsqueeze(-1) * x,
+                1.0,
+                torch.zeros(num_series, 1, dtype=DTYPE),
+                GRIDS["uniform"],
+            ),
         )
         pyro.sample("y", dist.Normal(path[..., -1, 0], 0.5), obs=y)
 
@@ -154,15 +159,22 @@ def ou_guide(y, num_series=3):
     with pyro.plate("series", num_series):
         pyro.sample(
             "path",
-            LatentDiffusion(lambda t, x: -theta.unsqueeze(-1) * x + 0.1, 1.0,
-                            torch.zeros(num_series, 1, dtype=DTYPE), GRIDS["uniform"]),
+            LatentDiffusion(
+                lambda t, x: -theta.unsqueeze(-1) * x + 0.1,
+                1.0,
+                torch.zeros(num_series, 1, dtype=DTYPE),
+                GRIDS["uniform"],
+            ),
         )
 
 
 @pytest.mark.parametrize(
     "elbo",
-    [Trace_ELBO(num_particles=4, vectorize_particles=True), Trace_ELBO(num_particles=2),
-     RenyiELBO(alpha=0.5, num_particles=4, vectorize_particles=True)],
+    [
+        Trace_ELBO(num_particles=4, vectorize_particles=True),
+        Trace_ELBO(num_particles=2),
+        RenyiELBO(alpha=0.5, num_particles=4, vectorize_particles=True),
+    ],
     ids=["vectorized", "sequential", "renyi"],
 )
 def test_works_under_pyro_elbos(elbo):
@@ -204,9 +216,12 @@ def good_args():
         (dict(x0=t64([float("inf")])), r"`x0`.*finite"),
         (dict(x0=torch.zeros(1)), r"`x0` and `times`.*dtype"),
         (dict(drift=lambda t, x: torch.zeros(2, dtype=DTYPE)), r"`drift.*last dimension.*\(2,\)"),
-        (dict(drift=lambda t, x: torch.zeros(3, 1, dtype=DTYPE), x0=torch.zeros(2, 1,
-                                                                            dtype=DTYPE)),
-         r"`drift.*shaped like x"),
+        (
+            dict(
+                drift=lambda t, x: torch.zeros(3, 1, dtype=DTYPE), x0=torch.zeros(2, 1, dtype=DTYPE)
+            ),
+            r"`drift.*shaped like x",
+        ),
         (dict(drift=lambda t, x: x * float("nan")), r"`drift.*finite"),
         (dict(drift=3.0), r"`drift`.*callable"),
         (dict(diffusion=-1.0), r"`diffusion`.*positive"),

@@ -33,8 +33,7 @@ def test_time_leftmost_layout_equals_one_call_per_time():
 def test_split_first_layer_equals_a_layer_on_the_concatenated_input():
     net = perturbed(NeuralDrift(2, context_dim=3, hidden_dims=(8,), num_frequencies=2))
     t, x, c = torch.tensor(0.7), torch.randn(4, 2), torch.randn(4, 3)
-    weight = torch.cat([net.input_x.weight, net.input_time.weight,
-                        net.input_context.weight], 1)
+    weight = torch.cat([net.input_x.weight, net.input_time.weight, net.input_context.weight], 1)
     inputs = torch.cat([x, net.time_features(t).expand(4, 4), c], -1)
     hidden = inputs @ weight.T + net.input_x.bias
     assert torch.allclose(net(t, x, c), net.hidden(hidden), atol=1e-6)

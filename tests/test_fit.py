@@ -24,10 +24,18 @@ def test_divergence_stops_with_message_and_keeps_last_finite_parameters():
     y = torch.tensor([1.5])
     guide = DiffusionGuide(problem.model)
     history = []
-    with pytest.raises(FitDivergedError, match=r"fit stopped at step \d+.*'path'.*learning rate") \
-            as caught:
-        fit(problem.model, guide, y, num_steps=200, optim=pyro.optim.Adam({"lr": 100.0}),
-            callback=lambda step, loss: history.append(snapshot()), progress=False)
+    with pytest.raises(
+        FitDivergedError, match=r"fit stopped at step \d+.*'path'.*learning rate"
+    ) as caught:
+        fit(
+            problem.model,
+            guide,
+            y,
+            num_steps=200,
+            optim=pyro.optim.Adam({"lr": 100.0}),
+            callback=lambda step, loss: history.append(snapshot()),
+            progress=False,
+        )
     error = caught.value
     assert error.step == len(error.losses) == len(history)
     assert all(math.isfinite(v) for v in error.losses)
@@ -48,8 +56,17 @@ def run(path, name, num_steps, interrupt_at=None):
         if step == interrupt_at:
             raise KeyboardInterrupt
 
-    return fit(problem.model, guide, y, num_steps=num_steps, num_particles=4,
-               checkpoint=path, checkpoint_every=3, callback=callback, progress=False)
+    return fit(
+        problem.model,
+        guide,
+        y,
+        num_steps=num_steps,
+        num_particles=4,
+        checkpoint=path,
+        checkpoint_every=3,
+        callback=callback,
+        progress=False,
+    )
 
 
 def test_resume_from_checkpoint_is_bit_identical(tmp_path):
@@ -88,8 +105,15 @@ def test_clip_norm_bounds_the_update():
     problem = ou_problem(num_steps=10)
     y = torch.tensor([1.5])
     guide = DiffusionGuide(problem.model)
-    losses = fit(problem.model, guide, y, num_steps=20, clip_norm=1.0,
-                 optim=pyro.optim.SGD({"lr": 1e-3}), progress=False)
+    losses = fit(
+        problem.model,
+        guide,
+        y,
+        num_steps=20,
+        clip_norm=1.0,
+        optim=pyro.optim.SGD({"lr": 1e-3}),
+        progress=False,
+    )
     assert all(math.isfinite(v) for v in losses)
 
 
@@ -106,5 +130,11 @@ def test_clip_norm_bounds_the_update():
 def test_fit_argument_errors(kwargs, match):
     problem = ou_problem(num_steps=5)
     with pytest.raises((ValueError, TypeError), match=match):
-        fit(problem.model, DiffusionGuide(problem.model), torch.tensor([1.5]), num_steps=2,
-            progress=False, **kwargs)
+        fit(
+            problem.model,
+            DiffusionGuide(problem.model),
+            torch.tensor([1.5]),
+            num_steps=2,
+            progress=False,
+            **kwargs,
+        )

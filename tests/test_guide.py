@@ -46,8 +46,7 @@ def test_guide_at_initialisation_is_the_prior():
     times = torch.linspace(0, 1, 11)
     guide = DiffusionGuide(global_model)
     guide_trace = poutine.trace(guide).get_trace(y, times)
-    model_trace = poutine.trace(poutine.replay(global_model, trace=guide_trace)).get_trace(
-        y, times)
+    model_trace = poutine.trace(poutine.replay(global_model, trace=guide_trace)).get_trace(y, times)
     path = guide_trace.nodes["path"]["value"]
     q = guide_trace.nodes["path"]["fn"].log_prob(path)
     p = model_trace.nodes["path"]["fn"].log_prob(path)
@@ -83,7 +82,8 @@ def test_distinct_guides_do_not_share_parameters():
 def importance_log_weights(model, guide, *args, num_samples):
     with torch.no_grad():
         log_w, _, _ = vectorized_importance_weights(
-            model, guide, *args, num_samples=num_samples, max_plate_nesting=1)
+            model, guide, *args, num_samples=num_samples, max_plate_nesting=1
+        )
     return log_w
 
 
@@ -116,8 +116,9 @@ def test_bench_a_reaches_the_exact_discrete_posterior():
     log_w = importance_log_weights(problem.model, guide, y, num_samples=4000)
     assert exact - log_w.mean().item() <= 0.05
     with torch.no_grad():
-        terminal = Predictive(problem.model, guide=guide, num_samples=4000,
-                              parallel=True)(y)["path"][:, -1, 0]
+        terminal = Predictive(problem.model, guide=guide, num_samples=4000, parallel=True)(y)[
+            "path"
+        ][:, -1, 0]
     assert abs(terminal.mean().item() - mean.item()) <= 0.02
     assert abs(terminal.std().item() / cov.sqrt().item() - 1) <= 0.10
 
@@ -160,8 +161,9 @@ def test_guide_errors():
 
     def discrete(y):
         pyro.sample("k", dist.Bernoulli(0.5))
-        pyro.sample("path", LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1),
-                                            torch.linspace(0, 1, 5)))
+        pyro.sample(
+            "path", LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1), torch.linspace(0, 1, 5))
+        )
 
     with pytest.raises(ValueError, match="at least one LatentDiffusion site.*'z'"):
         DiffusionGuide(no_paths)(None)
@@ -179,8 +181,12 @@ def test_plain_svi_works_with_the_guide():
     problem = ou_problem(num_steps=10)
     y = torch.tensor([1.5])
     guide = DiffusionGuide(problem.model)
-    svi = pyro.infer.SVI(problem.model, guide, pyro.optim.Adam({"lr": 1e-2}),
-                         Trace_ELBO(num_particles=4, vectorize_particles=True))
+    svi = pyro.infer.SVI(
+        problem.model,
+        guide,
+        pyro.optim.Adam({"lr": 1e-2}),
+        Trace_ELBO(num_particles=4, vectorize_particles=True),
+    )
     losses = [svi.step(y) for _ in range(30)]
     assert all(math.isfinite(v) for v in losses)
 
@@ -194,8 +200,9 @@ def test_global_parameter_posterior_matches_quadrature():
     fit(problem.model, guide, y, num_steps=800, num_particles=8, progress=False)
     _, _, exact_mean, exact_sd = problem.exact_posterior(y)
     with torch.no_grad():
-        theta = Predictive(problem.model, guide=guide, num_samples=4000,
-                           return_sites=["theta"])(y)["theta"]
+        theta = Predictive(problem.model, guide=guide, num_samples=4000, return_sites=["theta"])(y)[
+            "theta"
+        ]
     # The guide's mean is estimated to 0.016 exact sd (= sd / sqrt(4000)); the floor is 0.1.
     assert abs(theta.mean() - exact_mean) <= 0.1 * exact_sd
     assert abs(theta.std() / exact_sd - 1) <= 0.2
@@ -204,8 +211,9 @@ def test_global_parameter_posterior_matches_quadrature():
 def two_stage_model(y, times):
     """The second path starts where the first ends."""
     first = pyro.sample("first", LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1), times))
-    second = pyro.sample("second", LatentDiffusion(lambda t, x: x.sin(), 0.5, first[..., -1, :],
-                                                   times))
+    second = pyro.sample(
+        "second", LatentDiffusion(lambda t, x: x.sin(), 0.5, first[..., -1, :], times)
+    )
     pyro.sample("y", dist.Normal(second[..., -1, :], 0.2).to_event(1), obs=y)
 
 
@@ -215,11 +223,15 @@ def test_a_later_path_starts_from_the_guides_earlier_path():
     guide = DiffusionGuide(two_stage_model)
     guide_trace = poutine.trace(guide).get_trace(y, times)
     model_trace = poutine.trace(poutine.replay(two_stage_model, trace=guide_trace)).get_trace(
-        y, times)
+        y, times
+    )
     for name in ("first", "second"):  # at initialisation the guide is the prior, given upstream
         value = guide_trace.nodes[name]["value"]
-        assert torch.allclose(guide_trace.nodes[name]["fn"].log_prob(value),
-                              model_trace.nodes[name]["fn"].log_prob(value), atol=1e-10)
+        assert torch.allclose(
+            guide_trace.nodes[name]["fn"].log_prob(value),
+            model_trace.nodes[name]["fn"].log_prob(value),
+            atol=1e-10,
+        )
     second_fn = guide_trace.nodes["second"]["fn"]
     assert torch.equal(second_fn.fn.x0, guide_trace.nodes["first"]["value"][..., -1, :])
     estimate = log_evidence(two_stage_model, guide, y, times, num_samples=200)

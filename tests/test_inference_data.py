@@ -60,23 +60,34 @@ def global_fit():
     times = torch.linspace(0.0, 1.0, NUM_STEPS + 1)
     guide = DiffusionGuide(global_model)
     fit(global_model, guide, y, times, num_steps=200, num_particles=8, progress=False)
-    data = to_inference_data(global_model, guide, y, times, num_samples=500,
-                             num_prior_samples=300)
+    data = to_inference_data(global_model, guide, y, times, num_samples=500, num_prior_samples=300)
     with torch.no_grad():
-        samples = Predictive(global_model, guide=guide, num_samples=2000, parallel=True,
-                             return_sites=["theta", "path"])(y, times)
+        samples = Predictive(
+            global_model,
+            guide=guide,
+            num_samples=2000,
+            parallel=True,
+            return_sites=["theta", "path"],
+        )(y, times)
     evidence = log_evidence(global_model, guide, y, times, num_samples=2000)
     state = pyro.get_param_store().get_state()
     torch.set_default_dtype(default)
-    return dict(y=y, times=times, guide=guide, data=data, samples=samples,
-                evidence=evidence, state=state)
+    return dict(
+        y=y, times=times, guide=guide, data=data, samples=samples, evidence=evidence, state=state
+    )
 
 
 def test_groups_dims_and_coordinates(global_fit):
     data, y, times = global_fit["data"], global_fit["y"], global_fit["times"]
-    assert set(data.groups()) == {"posterior", "posterior_predictive", "log_likelihood",
-                                  "sample_stats", "observed_data", "prior",
-                                  "prior_predictive"}
+    assert set(data.groups()) == {
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "sample_stats",
+        "observed_data",
+        "prior",
+        "prior_predictive",
+    }
     posterior = data.posterior
     assert posterior["theta"].dims == ("chain", "draw")
     assert posterior["path"].dims == ("chain", "draw", "series", "time", "state")
@@ -127,14 +138,17 @@ def test_log_densities_recomputed_from_the_draws(global_fit):
         path = torch.tensor(data.posterior["path"].values[chain, draw])
         values = {"theta": theta, "path": path}
         model_trace = poutine.trace(poutine.condition(global_model, data=values)).get_trace(
-            y, times)
+            y, times
+        )
         lp = model_trace.log_prob_sum().item()
         assert stats["lp"].values[chain, draw] == pytest.approx(lp, rel=1e-10)
         with torch.no_grad():
-            guide_trace = poutine.trace(poutine.condition(guide, data=values)).get_trace(
-                y, times)
-        log_q = sum(site["fn"].log_prob(site["value"]).sum()
-                    for site in guide_trace.nodes.values() if site["type"] == "sample")
+            guide_trace = poutine.trace(poutine.condition(guide, data=values)).get_trace(y, times)
+        log_q = sum(
+            site["fn"].log_prob(site["value"]).sum()
+            for site in guide_trace.nodes.values()
+            if site["type"] == "sample"
+        )
         assert stats["log_q"].values[chain, draw] == pytest.approx(log_q.item(), rel=1e-8)
         log_lik = dist.Normal(path[:, -1, 0], OBS_SCALE).log_prob(y).numpy()
         np.testing.assert_allclose(data.log_likelihood["y"].values[chain, draw], log_lik)
@@ -151,8 +165,9 @@ def test_log_weights_estimate_the_evidence(global_fit):
 
 def test_posterior_predictive_is_observation_noise_around_the_paths(global_fit):
     data = global_fit["data"]
-    residual = (data.posterior_predictive["y"]
-                - data.posterior["path"].isel(time=-1, state=0)).values.reshape(-1)
+    residual = (
+        data.posterior_predictive["y"] - data.posterior["path"].isel(time=-1, state=0)
+    ).values.reshape(-1)
     n = len(residual)
     assert abs(residual.mean()) < 5 * OBS_SCALE / math.sqrt(n)
     assert abs(residual.std() - OBS_SCALE) < 5 * OBS_SCALE / math.sqrt(2 * n)
@@ -181,7 +196,8 @@ def test_arviz_summary_loo_ppc_posterior_plots(global_fit, tmp_path):
     summary = az.summary(data, var_names=["theta"])
     assert list(summary.index) == ["theta"]
     assert summary.loc["theta", "mean"] == pytest.approx(
-        data.posterior["theta"].values.mean(), abs=1e-3)
+        data.posterior["theta"].values.mean(), abs=1e-3
+    )
     assert summary.loc["theta", "r_hat"] < 1.05  # independent draws split into chains
     summary = az.summary(data, var_names=["path"], kind="stats")
     assert len(summary) == 4 * NUM_STEPS
@@ -191,8 +207,9 @@ def test_arviz_summary_loo_ppc_posterior_plots(global_fit, tmp_path):
     axes = az.plot_ppc(data, num_pp_samples=50, random_seed=0)
     plt.gcf().savefig(tmp_path / "ppc.png")
     assert np.asarray(axes).size >= 1
-    az.plot_posterior(data, var_names=["theta", "path"],
-                      coords={"series": [0], "time": [times[-1].item()]})
+    az.plot_posterior(
+        data, var_names=["theta", "path"], coords={"series": [0], "time": [times[-1].item()]}
+    )
     plt.gcf().savefig(tmp_path / "posterior.png")
     plt.close("all")
     assert (tmp_path / "ppc.png").stat().st_size > 0
@@ -220,9 +237,12 @@ def test_multivariate_path_event_observation_and_chunks():
     """A 2-D path with a vector observation (one event): state coordinate of length 2,
     one pointwise log-likelihood value per draw; chunking does not change the layout."""
     problem = LinearSDE(
-        A=torch.tensor([[-1.0, 0.5], [-0.3, -0.2]]), c=torch.tensor([0.2, -0.1]),
-        sigma=torch.tensor([0.7, 1.3]), x0=torch.tensor([0.5, -1.0]),
-        times=torch.tensor([0.0, 0.1, 0.3, 0.6, 1.0]), H=torch.eye(2),
+        A=torch.tensor([[-1.0, 0.5], [-0.3, -0.2]]),
+        c=torch.tensor([0.2, -0.1]),
+        sigma=torch.tensor([0.7, 1.3]),
+        x0=torch.tensor([0.5, -1.0]),
+        times=torch.tensor([0.0, 0.1, 0.3, 0.6, 1.0]),
+        H=torch.eye(2),
         obs_scale=torch.tensor([0.3, 0.3]),
     )
     y = torch.tensor([0.3, 0.1])
@@ -233,8 +253,9 @@ def test_multivariate_path_event_observation_and_chunks():
         pyro.sample("y", dist.Normal(path[..., -1, :], 0.3).to_event(1), obs=y)
 
     guide = DiffusionGuide(model)
-    data = to_inference_data(model, guide, y, num_samples=30, num_chains=2, chunk_size=7,
-                             num_prior_samples=5)
+    data = to_inference_data(
+        model, guide, y, num_samples=30, num_chains=2, chunk_size=7, num_prior_samples=5
+    )
     assert data.posterior["path"].dims == ("chain", "draw", "time", "state")
     assert data.posterior["path"].shape == (2, 30, 4, 2)
     np.testing.assert_allclose(data.posterior["time"], [0.1, 0.3, 0.6, 1.0])
@@ -247,10 +268,8 @@ def test_multivariate_path_event_observation_and_chunks():
     # A deterministic site is a function of the latents: posterior (and prior), not data.
     for group in ("posterior", "prior"):
         assert data[group]["terminal"].dims == ("chain", "draw", "terminal_dim_0")
-        np.testing.assert_array_equal(data[group]["terminal"],
-                                      data[group]["path"].isel(time=-1))
-    for group in ("log_likelihood", "posterior_predictive", "observed_data",
-                  "prior_predictive"):
+        np.testing.assert_array_equal(data[group]["terminal"], data[group]["path"].isel(time=-1))
+    for group in ("log_likelihood", "posterior_predictive", "observed_data", "prior_predictive"):
         assert list(data[group].data_vars) == ["y"]
 
 
@@ -284,11 +303,9 @@ def bench_a():
     problem = ou_problem()
     y = torch.tensor([1.5])
     guide = DiffusionGuide(problem.model)
-    untrained = to_inference_data(problem.model, guide, y, num_samples=250,
-                                  num_prior_samples=500)
+    untrained = to_inference_data(problem.model, guide, y, num_samples=250, num_prior_samples=500)
     fit(problem.model, guide, y, num_steps=300, progress=False)
-    trained = to_inference_data(problem.model, guide, y, num_samples=250,
-                                num_prior_samples=500)
+    trained = to_inference_data(problem.model, guide, y, num_samples=250, num_prior_samples=500)
     torch.set_default_dtype(default)
     return dict(problem=problem, y=y, untrained=untrained, trained=trained)
 
@@ -306,8 +323,7 @@ def test_k_hat_separates_trained_and_untrained_guides(bench_a):
     assert "unreliable" in str(untrained)
     assert trained.ess > untrained.ess
     assert trained.log_weights.shape == (4, 250)
-    np.testing.assert_allclose(np.logaddexp.reduce(trained.log_weights.reshape(-1)), 0,
-                               atol=1e-10)
+    np.testing.assert_allclose(np.logaddexp.reduce(trained.log_weights.reshape(-1)), 0, atol=1e-10)
 
 
 @pytest.mark.slow
@@ -320,8 +336,10 @@ def test_bench_a_terminal_marginal_against_exact(bench_a, tmp_path):
     assert abs(terminal.item() - mean) < 5 * sd / math.sqrt(diagnostics.psis_ess)
     guide_terminal = data.posterior["path"].isel(time=-1, state=0).values.reshape(-1)
     assert abs(guide_terminal.mean() - mean) < 0.2 * sd  # trained: close already
-    ax = plot_terminal(data, density=lambda x: np.exp(-0.5 * ((x - mean) / sd) ** 2)
-                       / (sd * math.sqrt(2 * math.pi)))
+    ax = plot_terminal(
+        data,
+        density=lambda x: np.exp(-0.5 * ((x - mean) / sd) ** 2) / (sd * math.sqrt(2 * math.pi)),
+    )
     assert len(ax.lines) == 1
     ax.figure.savefig(tmp_path / "terminal.png")
     ax = plot_paths(data)

@@ -8,8 +8,7 @@ from hypothesis import strategies as st
 
 from pyro_latdiff import DiffusionGuide, LatentDiffusion, log_evidence
 
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 shapes = st.lists(st.integers(1, 3), min_size=0, max_size=2).map(tuple)
 
 
@@ -77,16 +76,22 @@ def plated_models(draw):
     with_theta = draw(st.booleans())
 
     def model(y):
-        rate = pyro.sample("theta", dist.LogNormal(0.0, 0.3)).unsqueeze(-1) if with_theta \
-            else 1.0
+        rate = pyro.sample("theta", dist.LogNormal(0.0, 0.3)).unsqueeze(-1) if with_theta else 1.0
         with pyro.plate("series", num_series):
             x0 = torch.zeros(num_series, state_dim, dtype=torch.float64)
             path = pyro.sample("path", LatentDiffusion(lambda t, x: -rate * x, 1.0, x0, times))
             pyro.sample("y", dist.Normal(path[..., -1, :], 0.5).to_event(1), obs=y)
 
-    y = torch.tensor(draw(st.lists(st.floats(-2.0, 2.0), min_size=num_series * state_dim,
-                                   max_size=num_series * state_dim)),
-                     dtype=torch.float64).reshape(num_series, state_dim)
+    y = torch.tensor(
+        draw(
+            st.lists(
+                st.floats(-2.0, 2.0),
+                min_size=num_series * state_dim,
+                max_size=num_series * state_dim,
+            )
+        ),
+        dtype=torch.float64,
+    ).reshape(num_series, state_dim)
     return model, y, times.shape[0] - 1, draw(st.integers(1, 5))
 
 

@@ -44,8 +44,7 @@ class SharedRateOU:
         num_series = y.shape[-1]
         with pyro.plate("series", num_series):
             x0 = torch.zeros(num_series, 1, dtype=self.times.dtype)
-            path = pyro.sample("path", LatentDiffusion(lambda t, x: -rate * x, 1.0, x0,
-                                                       self.times))
+            path = pyro.sample("path", LatentDiffusion(lambda t, x: -rate * x, 1.0, x0, self.times))
             pyro.sample("y", dist.Normal(path[..., -1, 0], self.obs_scale), obs=y)
 
     def simulate(self, theta: float, num_series: int) -> Tensor:
