@@ -496,7 +496,20 @@ class DiffusionGuide(AutoGuide):
 
     def _path_distribution(self, name: str, trace, prior, bridge, args, kwargs):
         step_net = self.step_nets[self._key(name)]
+        if prior.num_steps != step_net.tables.shape[0]:
+            raise ValueError(
+                f"DiffusionGuide: expected site '{name}' on the grid of {step_net.tables.shape[0]}"
+                f" steps the guide was built for, actual {prior.num_steps} steps; the guide's "
+                "per-step terms belong to one grid: build a new guide for a new grid"
+            )
         context = self._context(name, trace, args, kwargs, prior.x0)
+        expected = step_net.net.context_dim
+        if (0 if context is None else context.shape[-1]) != expected:
+            raise ValueError(
+                f"DiffusionGuide: expected a context of {expected} features for site '{name}' "
+                f"(as when the guide was built), actual "
+                f"{0 if context is None else context.shape[-1]}"
+            )
 
         def chain(net, tables):
             controlled = _ControlledChain(prior, net, tables, context, bridge)

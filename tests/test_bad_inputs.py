@@ -35,6 +35,16 @@ def make(**change):
     return LatentDiffusion(**args)
 
 
+def guide_on_a_new_grid():
+    def gridded(y, times):
+        path = pyro.sample("path", LatentDiffusion(lambda t, x: -x, 1.0, X0, times))
+        pyro.sample("y", dist.Normal(path[..., -1, :], 0.5).to_event(1), obs=y)
+
+    guide = DiffusionGuide(gridded)
+    guide(Y, TIMES)
+    guide(Y, TIMES[:3])
+
+
 TABLE = [
     # (id, call, exception, message)
     (
@@ -133,6 +143,7 @@ TABLE = [
     ),
     ("guide-name", lambda: DiffusionGuide(model, name=""), ValueError, r"`name`"),
     ("guide-context", lambda: DiffusionGuide(model, context="y"), ValueError, r"`context`"),
+    ("guide-new-grid", lambda: guide_on_a_new_grid(), ValueError, r"grid of 4 steps.*actual 2"),
     (
         "evidence-num-samples",
         lambda: log_evidence(model, DiffusionGuide(model), Y, num_samples=0),
