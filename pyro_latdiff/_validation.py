@@ -124,23 +124,6 @@ def check_widths(hidden_dims) -> None:
         check_positive_int("hidden_dims[i]", width)
 
 
-def check_time_span(time_span) -> tuple[float, float]:
-    ok = (
-        isinstance(time_span, (tuple, list))
-        and len(time_span) == 2
-        and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            for v in time_span
-        )
-    )
-    if not ok or not time_span[1] > time_span[0]:
-        raise ValueError(
-            f"Expected `time_span` = (t_start, t_end), finite with t_end > t_start, "
-            f"actual {time_span!r}"
-        )
-    return float(time_span[0]), float(time_span[1])
-
-
 def check_signature(name: str, function, args: tuple, kwargs: dict) -> None:
     """``function`` is callable and accepts ``(*args, **kwargs)``."""
     if not callable(function):
@@ -156,3 +139,21 @@ def check_signature(name: str, function, args: tuple, kwargs: dict) -> None:
             f"Expected `{name}` to accept the model arguments given ({len(args)} positional, "
             f"keywords {sorted(kwargs)}), actual: {error}"
         ) from None
+
+
+def check_ordered_pair(name: str, value, what: str = "(low, high)") -> tuple[float, float]:
+    """``value`` is two finite numbers, the first below the second."""
+    ok = (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
+        )
+    )
+    if not ok or not value[0] < value[1]:
+        low, high = what.strip("()").split(", ")
+        raise ValueError(
+            f"Expected `{name}` = {what}, finite with {low} < {high}, actual {value!r}"
+        )
+    return float(value[0]), float(value[1])

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_positive_int, check_time_span, check_widths
+from ._validation import check_ordered_pair, check_positive_int, check_widths
 
 __all__ = ["NeuralDrift"]
 
@@ -55,7 +55,7 @@ class NeuralDrift(nn.Module):
         out_dim = state_dim if out_dim is None else out_dim
         check_positive_int("out_dim", out_dim)
         check_widths(hidden_dims)
-        t_start, t_end = check_time_span(time_span)
+        t_start, t_end = check_ordered_pair("time_span", time_span, "(t_start, t_end)")
         self.state_dim = state_dim
         self.context_dim = context_dim
         self.out_dim = out_dim

@@ -20,7 +20,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import biject_to
 
-from ._validation import check_positive_int, check_signature, check_widths
+from ._validation import check_ordered_pair, check_positive_int, check_signature, check_widths
 from .distribution import LatentDiffusion
 from .drift import NeuralDrift
 
@@ -190,8 +190,11 @@ class _ControlledChain:
         tables: Tensor,
         context: Tensor | None,
         bridge: tuple | None,
+        bounds: tuple[float, float] | None = None,
     ):
         self.prior = prior
+        self.bounds = bounds
+        self.clamped: Tensor | int = 0  # simulated states that left the box
         self.net = net
         self.tables = tables
         self.context = context
@@ -223,6 +226,11 @@ class _ControlledChain:
     def evaluate(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         if self._cache[0] is t and self._cache[1] is x:
             return self._cache[2]
+        state = x
+        if self.bounds is not None:  # the chain's own functions see the state in the box
+            x = x.clamp(*self.bounds)
+            if t.dim() == 0:  # a simulation step (log_prob re-evaluates the same states)
+                self.clamped = self.clamped + (x != state).sum()
         sigma = self.prior.diffusion(t, x) if self.sigma is None else self.sigma
         out = self.net(t, x, self.context)
         control, log_scale = out.chunk(2, dim=-1)
@@ -233,7 +241,7 @@ class _ControlledChain:
             g = offset + (hessian @ x.unsqueeze(-1)).squeeze(-1)
             control = control + alpha * sigma * g
         result = (self.prior.drift(t, x) + sigma * control, sigma * torch.exp(beta + log_scale))
-        self._cache = (t, x, result)
+        self._cache = (t, state, result)
         return result
 
     def drift(self, t: Tensor, x: Tensor) -> Tensor:
@@ -290,6 +298,12 @@ class DiffusionGuide(AutoGuide):
     :param context: ``"auto"``, ``None`` or a callable ``context(*args, **kwargs)``.
     :param bool bridge: use the observation-gradient bridge term.
     :param bool path_derivative: score with detached parameters (see above).
+    :param state_bounds: ``(low, high)``: the guide chain's drift and diffusion see the
+        state clamped into this box, so a path that strays far cannot blow up the
+        network or a stiff drift. The chain stays a proper distribution (its density
+        uses the same clamped functions), so the ELBO and importance weights stay
+        valid. Simulated states that left the box are counted in ``num_clamped``, and
+        :func:`~pyro_latdiff.fit` reports them.
     :param callable init_loc_fn: initialisation of the non-path latent sites.
     :param float init_scale: initial scale of the non-path latent sites.
     :param callable create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`.
@@ -311,6 +325,7 @@ class DiffusionGuide(AutoGuide):
         context: str | Callable | None = "auto",
         bridge: bool = True,
         path_derivative: bool = True,
+        state_bounds: tuple[float, float] | None = None,
         init_loc_fn: Callable = init_to_feasible,
         init_scale: float = 0.1,
         create_plates: Callable | None = None,
@@ -345,6 +360,10 @@ class DiffusionGuide(AutoGuide):
         self.num_frequencies = num_frequencies
         self.context = context
         self.bridge = bridge
+        self.state_bounds = (
+            None if state_bounds is None else check_ordered_pair("state_bounds", state_bounds)
+        )
+        self.num_clamped = 0
         self.path_derivative = path_derivative
         self.init_loc_fn = init_loc_fn
         self.init_scale = float(init_scale)
@@ -512,20 +531,22 @@ class DiffusionGuide(AutoGuide):
             )
 
         def chain(net, tables):
-            controlled = _ControlledChain(prior, net, tables, context, bridge)
-            return LatentDiffusion(
+            controlled = _ControlledChain(prior, net, tables, context, bridge, self.state_bounds)
+            fn = LatentDiffusion(
                 controlled.drift, controlled.diffusion, prior.x0, prior.times, validate_args=False
             )
+            return fn, controlled
 
-        fn = chain(step_net.net, step_net.tables)
-        if not self.path_derivative:
-            return fn
-        detached = {k: v.detach() for k, v in step_net.net.named_parameters()}
+        fn, controlled = chain(step_net.net, step_net.tables)
+        controlled.clamped = 0  # the probe at construction is no simulation step
+        if self.path_derivative:
+            detached = {k: v.detach() for k, v in step_net.net.named_parameters()}
 
-        def detached_net(t, x, context):
-            return torch.func.functional_call(step_net.net, detached, (t, x, context))
+            def detached_net(t, x, context):
+                return torch.func.functional_call(step_net.net, detached, (t, x, context))
 
-        return _PathDerivative(fn, chain(detached_net, step_net.tables.detach()))
+            fn = _PathDerivative(fn, chain(detached_net, step_net.tables.detach())[0])
+        return fn, controlled
 
     def _plate_stack(self, name: str, plates: dict) -> ExitStack:
         stack = ExitStack()
@@ -544,9 +565,11 @@ class DiffusionGuide(AutoGuide):
                 values[name] = pyro.sample(name, self._normal_distribution(name))
         for name in self._path_sites:  # in model order: a later path may start from an earlier
             trace, prior, bridge = self._prepass(name, values, args, kwargs)
-            fn = self._path_distribution(name, trace, prior, bridge, args, kwargs)
+            fn, controlled = self._path_distribution(name, trace, prior, bridge, args, kwargs)
             with self._plate_stack(name, plates):
                 values[name] = pyro.sample(name, fn)
+            if self.state_bounds is not None:
+                self.num_clamped += int(controlled.clamped)
         return values
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ import math
 import os
 import random
 import tempfile
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._validation import check_positive_int, check_signature
+from ._warnings import LatentDiffusionWarning
 
 __all__ = ["FitDivergedError", "default_optim", "fit", "log_evidence"]
 
@@ -241,6 +243,8 @@ def fit(
       :class:`FitDivergedError` naming the step, the sites and the likely cause; the
       non-finite update is never applied, so nothing learned is lost;
     - optional clipping of the total gradient norm (``clip_norm``);
+    - a count of the guide states clamped into a guide's ``state_bounds``, shown in the
+      progress bar and reported by a :class:`LatentDiffusionWarning` at the end;
     - **checkpoints**: with ``checkpoint=path``, the parameter store, optimiser state,
       random state and loss history are saved atomically every ``checkpoint_every``
       steps, at the end, and when the run is interrupted (e.g. ``KeyboardInterrupt``);
@@ -306,6 +310,7 @@ def fit(
         start, losses = state["step"], state["losses"]
     rng = _rng_state()
     step = start
+    clamped_before = getattr(guide, "num_clamped", 0)
     try:
         with tqdm(total=num_steps, initial=start, disable=not progress, desc="SVI") as bar:
             for step in range(start, num_steps):
@@ -317,7 +322,9 @@ def fit(
                 if checkpoint is not None and (step + 1) % checkpoint_every == 0:
                     _save_checkpoint(checkpoint, svi, step + 1, losses, rng)
                 if step % 10 == 0 or step == num_steps - 1:
-                    bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+                    clamped = getattr(guide, "num_clamped", 0) - clamped_before
+                    postfix = {"loss": f"{value:.4g}"} | ({"clamped": clamped} if clamped else {})
+                    bar.set_postfix(postfix, refresh=False)
                 bar.update()
     except (KeyboardInterrupt, FitDivergedError):
         if checkpoint is not None:
@@ -325,6 +332,15 @@ def fit(
         raise
     if checkpoint is not None:
         _save_checkpoint(checkpoint, svi, num_steps, losses, rng)
+    clamped = getattr(guide, "num_clamped", 0) - clamped_before
+    if clamped:
+        warnings.warn(
+            f"fit: {clamped} simulated guide states left the guide's state_bounds "
+            f"{guide.state_bounds} over {num_steps - start} steps and its drift saw them "
+            "clamped (the ELBO stays valid); widen the box if this is not rare",
+            LatentDiffusionWarning,
+            stacklevel=2,
+        )
     return losses
 
 

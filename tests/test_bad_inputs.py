@@ -143,6 +143,12 @@ TABLE = [
     ),
     ("guide-name", lambda: DiffusionGuide(model, name=""), ValueError, r"`name`"),
     ("guide-context", lambda: DiffusionGuide(model, context="y"), ValueError, r"`context`"),
+    (
+        "guide-state-bounds",
+        lambda: DiffusionGuide(model, state_bounds=(1.0, -1.0)),
+        ValueError,
+        r"`state_bounds`.*low < high",
+    ),
     ("guide-new-grid", lambda: guide_on_a_new_grid(), ValueError, r"grid of 4 steps.*actual 2"),
     (
         "evidence-num-samples",

@@ -19,6 +19,7 @@ def snapshot():
     return {name: store[name].detach().clone() for name in store.keys()}
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_divergence_stops_with_message_and_keeps_last_finite_parameters():
     problem = ou_problem()
     y = torch.tensor([1.5])
@@ -138,3 +139,17 @@ def test_fit_argument_errors(kwargs, match):
             progress=False,
             **kwargs,
         )
+
+
+def test_states_clamped_into_the_box_are_counted_reported_and_keep_the_evidence_exact():
+    from pyro_latdiff._warnings import LatentDiffusionWarning
+
+    problem = ou_problem(obs_scale=0.5, num_steps=10)
+    y = torch.tensor([1.0])
+    guide = DiffusionGuide(problem.model, state_bounds=(-0.3, 0.3))
+    with pytest.warns(LatentDiffusionWarning, match=r"fit: \d+ simulated guide states left"):
+        fit(problem.model, guide, y, num_steps=20, progress=False)
+    assert guide.num_clamped > 0
+    # The clamped chain is still a proper proposal: importance sampling stays consistent.
+    estimate = log_evidence(problem.model, guide, y, num_samples=20000, chunk_size=5000)
+    assert abs(estimate.item() - problem.log_evidence(y).item()) < 3 * estimate.stderr
