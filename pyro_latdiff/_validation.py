@@ -86,28 +86,33 @@ def check_output(name: str, out, x: Tensor, positive: bool) -> torch.Size:
     return shape[:-1]
 
 
-def check_diffusion(diffusion, x0: Tensor) -> None:
+def check_diffusion(
+    diffusion, x0: Tensor, name: str = "diffusion", callable_allowed: bool = True
+) -> None:
+    """A constant diffusion: a positive float, or a positive tensor ``(..., D)`` with the
+    dtype and device of ``x0``."""
     if isinstance(diffusion, bool) or not isinstance(diffusion, (int, float, Tensor)):
+        also = f" or a callable {name}(t, x)" if callable_allowed else ""
         raise TypeError(
-            "Expected `diffusion` to be a positive float, a tensor of shape (..., state_dim) "
-            f"or a callable diffusion(t, x), actual type {type(diffusion).__name__}"
+            f"Expected `{name}` to be a positive float or a tensor of shape (..., state_dim)"
+            f"{also}, actual type {type(diffusion).__name__}"
         )
     if isinstance(diffusion, Tensor):
         if diffusion.dim() > 0 and diffusion.shape[-1] != x0.shape[-1]:
             raise ValueError(
-                f"Expected `diffusion` of shape (..., {x0.shape[-1]}) (state_dim of x0), "
+                f"Expected `{name}` of shape (..., {x0.shape[-1]}) (state_dim of x0), "
                 f"actual shape {shape_of(diffusion)}"
             )
         if diffusion.dtype != x0.dtype or diffusion.device != x0.device:
             raise ValueError(
-                "Expected `diffusion` to share dtype and device with `x0`, actual "
+                f"Expected `{name}` to share dtype and device with `x0`, actual "
                 f"{diffusion.dtype} on {diffusion.device} (x0: {x0.dtype} on {x0.device})"
             )
         ok = torch.isfinite(diffusion).all() and (diffusion > 0).all()
     else:
         ok = math.isfinite(diffusion) and diffusion > 0
     if not ok:
-        raise ValueError(f"Expected `diffusion` to be positive and finite, actual {diffusion}")
+        raise ValueError(f"Expected `{name}` to be positive and finite, actual {diffusion}")
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> None:

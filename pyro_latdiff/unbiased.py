@@ -166,6 +166,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._validation import check_diffusion
+
 __all__ = [
     "ArrivalLaw",
     "ExponentialArrivals",
@@ -513,42 +515,22 @@ def _check_sigma(sigma, x0: Tensor) -> Tensor:
             "coefficient (a state-dependent one needs second-order parametrix weights, "
             "Andersson & Kohatsu-Higa 2017, which are not implemented)"
         )
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):
-        raise TypeError(
-            "Expected `sigma` to be a positive float or a tensor of shape (..., state_dim), "
-            f"actual type {type(sigma).__name__}"
+    check_diffusion(sigma, x0, name="sigma", callable_allowed=False)
+    if not isinstance(sigma, Tensor):
+        return torch.tensor(float(sigma), dtype=x0.dtype, device=x0.device)
+    try:
+        shape = torch.broadcast_shapes(sigma.shape, x0.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"Expected `sigma` broadcastable to x0's shape {tuple(x0.shape)}, "
+            f"actual shape {tuple(sigma.shape)}"
+        ) from None
+    if shape != x0.shape:
+        raise ValueError(
+            f"Expected `sigma` broadcastable to x0's shape {tuple(x0.shape)} without "
+            f"enlarging it, actual shape {tuple(sigma.shape)}"
         )
-    if isinstance(sigma, Tensor):
-        if sigma.dim() > 0 and sigma.shape[-1] != x0.shape[-1]:
-            raise ValueError(
-                f"Expected `sigma` of shape (..., {x0.shape[-1]}) (state_dim of x0), "
-                f"actual shape {tuple(sigma.shape)}"
-            )
-        try:
-            torch.broadcast_shapes(sigma.shape, x0.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"Expected `sigma` broadcastable to x0's shape {tuple(x0.shape)}, "
-                f"actual shape {tuple(sigma.shape)}"
-            ) from None
-        if torch.broadcast_shapes(sigma.shape, x0.shape) != x0.shape:
-            raise ValueError(
-                f"Expected `sigma` broadcastable to x0's shape {tuple(x0.shape)} without "
-                f"enlarging it, actual shape {tuple(sigma.shape)}"
-            )
-        if sigma.dtype != x0.dtype or sigma.device != x0.device:
-            raise ValueError(
-                "Expected `sigma` to share dtype and device with `x0`, actual "
-                f"{sigma.dtype} on {sigma.device} (x0: {x0.dtype} on {x0.device})"
-            )
-        ok = bool(torch.isfinite(sigma).all() and (sigma > 0).all())
-        value = sigma
-    else:
-        ok = math.isfinite(sigma) and sigma > 0
-        value = torch.tensor(float(sigma), dtype=x0.dtype, device=x0.device)
-    if not ok:
-        raise ValueError(f"Expected `sigma` to be positive and finite, actual {sigma}")
-    return value
+    return sigma
 
 
 def _check_drift(drift, x0: Tensor, t0: float) -> None:
