@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -105,3 +105,29 @@ class NeuralDrift(nn.Module):
                 )
             hidden = hidden + self.input_context(context)
         return self.hidden(hidden)
+
+    def on_grid(
+        self, times: Tensor, context: Tensor | None = None
+    ) -> Callable[[int, Tensor], Tensor]:
+        """``c(times[k], x, context)`` as ``step(k, x)``, for one simulation on a grid.
+
+        The time and context parts of the first layer are computed once for the whole
+        grid instead of at every Euler step; ``step(k, x)`` equals
+        ``self(times[k], x, context)``.
+        """
+        if self.context_dim and context is None:
+            raise ValueError(f"Expected `context` of shape (..., {self.context_dim}), actual None")
+        rows: tuple = (None,) * times.shape[0]
+        if self.input_time is not None:
+            rows = self.input_time(self.time_features(times)).unbind(0)
+        shift = None if not self.context_dim else self.input_context(context)
+
+        def step(k: int, x: Tensor) -> Tensor:
+            hidden = self.input_x(x)
+            if rows[k] is not None:
+                hidden = hidden + rows[k]
+            if shift is not None:
+                hidden = hidden + shift
+            return self.hidden(hidden)
+
+        return step

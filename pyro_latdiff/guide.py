@@ -210,16 +210,20 @@ class _ControlledChain:
         )
         # Simulation calls come one grid time at a time: look the step up by value.
         self._step_of_time = {t: k for k, t in enumerate(prior.times[:-1].tolist())}
+        # A NeuralDrift computes its time and context inputs once for the whole grid.
+        self._grid_net = (
+            net.on_grid(prior.times[:-1], context) if isinstance(net, NeuralDrift) else None
+        )
         self._rows: tuple[Tensor, ...] | None = None
         self._cache: tuple = (None, None, None)
 
-    def _step_tables(self, t: Tensor) -> Tensor:
-        """The tables of the step at ``t``: ``(4, D)`` for a 0-d ``t``, else the whole
-        grid laid out as ``(N, 1, ..., 1, 4, D)`` for ``t`` of shape ``(N, 1, ..., 1)``."""
-        if t.dim() == 0:
+    def _step_tables(self, t: Tensor, k: int | None) -> Tensor:
+        """The tables of step ``k`` (``t`` 0-d), ``(4, D)``; else the whole grid laid
+        out as ``(N, 1, ..., 1, 4, D)`` for ``t`` of shape ``(N, 1, ..., 1)``."""
+        if k is not None:
             if self._rows is None:
                 self._rows = self.tables.unbind(0)
-            return self._rows[self._step_of_time[t.item()]]
+            return self._rows[k]
         ones = (1,) * (t.dim() - 2)
         return self.tables.reshape(self.tables.shape[:1] + ones + self.tables.shape[1:])
 
@@ -232,9 +236,13 @@ class _ControlledChain:
             if t.dim() == 0:  # a simulation step (log_prob re-evaluates the same states)
                 self.clamped = self.clamped + (x != state).sum()
         sigma = self.prior.diffusion(t, x) if self.sigma is None else self.sigma
-        out = self.net(t, x, self.context)
+        k = self._step_of_time[t.item()] if t.dim() == 0 else None
+        if k is not None and self._grid_net is not None:
+            out = self._grid_net(k, x)
+        else:
+            out = self.net(t, x, self.context)
         control, log_scale = out.chunk(2, dim=-1)
-        alpha, gamma, delta, beta = self._step_tables(t).unbind(-2)
+        alpha, gamma, delta, beta = self._step_tables(t, k).unbind(-2)
         control = control + gamma * x + delta
         if self.bridge is not None:
             offset, hessian = self.bridge

@@ -58,3 +58,13 @@ def test_missing_context_is_named():
     net = NeuralDrift(2, context_dim=1)
     with pytest.raises(ValueError, match="`context`"):
         net(torch.tensor(0.0), torch.zeros(2))
+
+
+def test_on_grid_equals_one_call_per_time():
+    net = perturbed(NeuralDrift(2, context_dim=3, out_dim=4, hidden_dims=(8,)))
+    times = torch.linspace(0.0, 1.0, 5)
+    context = torch.randn(6, 3)
+    step = net.on_grid(times, context)
+    for k, t in enumerate(times):
+        x = torch.randn(4, 6, 2)
+        assert torch.allclose(step(k, x), net(t, x, context), atol=1e-6)
