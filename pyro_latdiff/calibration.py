@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ._validation import check_positive_int, check_signature
 from .guide import DiffusionGuide
-from .infer import fit
+from .infer import _plate_nesting, fit
 
 __all__ = ["Calibration", "calibrate", "rank_test"]
 
@@ -110,19 +110,6 @@ def _replicate(fn: Callable, name: str, size: int, dim: int) -> Callable:
             return fn(*args, **kwargs)
 
     return replicated
-
-
-def _max_plate_nesting(trace) -> int:
-    return max(
-        (
-            -f.dim
-            for site in trace.nodes.values()
-            if site["type"] == "sample"
-            for f in site["cond_indep_stack"]
-            if f.vectorized
-        ),
-        default=0,
-    )
 
 
 def _aligned(value: Tensor, event_dim: int, rank: int) -> Tensor:
@@ -227,7 +214,7 @@ def calibrate(
     fns = _quantity_fns(quantities)
     fit_fn = _default_fit(num_steps) if fit_fn is None else fit_fn
     with poutine.block(), torch.no_grad():
-        nesting = _max_plate_nesting(
+        nesting = _plate_nesting(
             poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs)
         )
     ranks: dict[str, list[np.ndarray]] = {}

@@ -30,23 +30,34 @@ def _check_model_and_guide(model, guide, args, kwargs) -> None:
         check_signature(name, value, args, kwargs)
 
 
-def _guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -> int:
-    """The deepest plate dimension used by ``model`` and ``guide``, found by tracing
-    both once (as :class:`~pyro.infer.ELBO` does when not told)."""
+def _guide_and_model_traces(model: Callable, guide: Callable, args, kwargs):
+    """One run of ``guide`` and of ``model`` replayed on it, hidden from any enclosing
+    handler and without gradients."""
     with poutine.block(), torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
+    return guide_trace, model_trace
+
+
+def _plate_nesting(*traces) -> int:
+    """The deepest vectorised plate dimension of the sample sites in ``traces``."""
     dims = [
         -frame.dim
-        for trace in (model_trace, guide_trace)
+        for trace in traces
         for site in trace.nodes.values()
         if site["type"] == "sample"
         for frame in site["cond_indep_stack"]
         if frame.vectorized
     ]
     return max(dims, default=0)
+
+
+def _guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -> int:
+    """The deepest plate dimension used by ``model`` and ``guide``, found by tracing
+    both once (as :class:`~pyro.infer.ELBO` does when not told)."""
+    return _plate_nesting(*_guide_and_model_traces(model, guide, args, kwargs))
 
 
 def log_evidence(
@@ -146,12 +157,9 @@ class FitDivergedError(FloatingPointError):
 def _nonfinite_sites(model, guide, args, kwargs) -> list[str]:
     """Sites whose value or log-density is not finite in one guide/model run."""
     bad = []
-    with poutine.block(), torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-        for trace in (guide_trace, model_trace):
+    traces = _guide_and_model_traces(model, guide, args, kwargs)
+    with torch.no_grad():
+        for trace in traces:
             for name, site in trace.nodes.items():
                 if site["type"] != "sample" or name in bad:
                     continue
