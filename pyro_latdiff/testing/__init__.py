@@ -12,9 +12,21 @@ from .benes import (
 from .linear import LinearSDE, ou_problem, ou_terminal_variance
 from .ou import ou_drift, ou_expectation_cos, ou_terminal_moments
 from .shared_rate import SharedRateOU
+from .state_space import (
+    EulerMaruyamaExample,
+    EulerMaruyamaPosterior,
+    LinearGaussianSSM,
+    ScalarPosterior,
+    SharedParameterSSM,
+)
 
 __all__ = [
+    "EulerMaruyamaExample",
+    "EulerMaruyamaPosterior",
+    "LinearGaussianSSM",
     "LinearSDE",
+    "ScalarPosterior",
+    "SharedParameterSSM",
     "SharedRateOU",
     "benes_drift",
     "benes_expectation",
