@@ -508,6 +508,10 @@ def _adaptive_grid(log_density, ranges, sizes, grid_size, drop=40.0):
     for size in list(sizes) + [grid_size]:
         axes = [torch.linspace(lo, hi, size, dtype=torch.float64) for lo, hi in box]
         values = log_density(*torch.meshgrid(*axes, indexing="ij"))
+        # Far out (an unstable Euler chain) the filter overflows: no mass there.
+        values = torch.where(torch.isfinite(values), values, -math.inf)
+        if not bool(torch.isfinite(values.max())):
+            raise ValueError(f"the log-density is not finite anywhere on the box {box}")
         if size == grid_size:
             return axes, values
         keep = values > values.max() - drop
