@@ -161,9 +161,12 @@ def test_posterior_kernels_compose_to_the_dense_posterior(case):
     post_m, post_P = dense_condition(mean, cov, Z, y_cov, y.reshape(-1))
     basis = torch.cat([torch.zeros(1, D, dtype=DTYPE), torch.eye(D, dtype=DTYPE)])
     m, P = ssm.x0, torch.zeros(D, D, dtype=DTYPE)
+    all_M, all_b, all_S = ssm.posterior_kernels(y)
     for k in range(N):
         means, S = ssm.posterior_transition(k, basis, y)
         b, M = means[0], (means[1:] - means[0]).T
+        assert (all_M[k] - M).abs().max() < TOL and (all_b[k] - b).abs().max() < TOL
+        assert (all_S[k] - S).abs().max() < TOL
         # Affine in x: a batch of states gives the same kernel as one at a time.
         single, S_single = ssm.posterior_transition(k, ssm.x0, y)
         assert (single - (M @ ssm.x0 + b)).abs().max() < TOL

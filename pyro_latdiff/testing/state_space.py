@@ -493,6 +493,24 @@ class LinearGaussianSSM:
         mean, cov = _tilt(_mv(A[k], x) + a[k], Q[k], H[k + 1], F[k + 1])
         return mean, cov
 
+    def posterior_kernels(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """All posterior kernels at once, as affine-Gaussian steps
+        ``x_{k+1} | x_k, y ~ N(M_k x_k + b_k, S_k)``, ``k = 0..N-1``, with
+        ``M_k = (I + Q_k H_{k+1})^{-1} A_k``, ``b_k = (I + Q_k H_{k+1})^{-1} (a_k + Q_k
+        F_{k+1})`` and ``S_k = (I + Q_k H_{k+1})^{-1} Q_k`` (see
+        :meth:`posterior_transition`): what a guide's chain should equal step by step.
+
+        :returns: ``M (N, D, D)``, ``b (N, D)``, ``S (N, D, D)``.
+        """
+        A, a, Q = self.euler_transitions()
+        H, F, _ = self.backward_filter(y)
+        eye = torch.eye(self.state_dim, dtype=A.dtype, device=A.device)
+        factor = eye + Q @ H[1:]
+        M = torch.linalg.solve(factor, A)
+        b = torch.linalg.solve(factor, (a + _mv(Q, F[1:])).unsqueeze(-1)).squeeze(-1)
+        S = _symmetrise(torch.linalg.solve(factor, Q))
+        return M, b, S
+
 
 # --------------------------------------------------------------------------- quadrature
 
