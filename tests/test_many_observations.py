@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 
+import pyro
 import pytest
 import torch
 from pyro.infer import Predictive, Trace_ELBO
@@ -109,6 +110,24 @@ def test_untrained_guide_is_the_exact_posterior_chain(name):
         ssm.model, guide, y
     )
     assert abs(elbo - exact) < 1e-6
+
+
+@pytest.mark.parametrize("general", [False, pytest.param(True, marks=needs_general_noise)])
+def test_untrained_guide_is_exact_in_a_plate_of_series(general):
+    """A plate of series, each observed at its own steps (a masked observation site),
+    with the shared rate given (``theta`` conditioned): the guide is exact for every
+    series at once. ``log p(y, theta) = log p(theta) + sum_i log p(y_i | theta)``."""
+    ssm = shared_rate_problem()
+    if general:
+        ssm.G = torch.tensor([[0.7, 0.2, 0.0], [-0.3, 0.8, 0.4]], dtype=DTYPE)
+    theta = torch.tensor(THETA, dtype=DTYPE)
+    _, y = ssm.simulate(THETA, seed=3)
+    exact = float(ssm.prior().log_prob(theta) + ssm.log_likelihood(theta, y))
+    model = pyro.poutine.condition(ssm.model, data={"theta": theta})
+    guide = DiffusionGuide(model)
+    estimate = log_evidence(model, guide, y, num_samples=64)
+    assert float(estimate.log_weights.std()) < 1e-6
+    assert abs(float(estimate) - exact) < 1e-6
 
 
 # ------------------------------------------------------------- (b) shared rate, a plate

@@ -268,8 +268,9 @@ def make_shared(seed=0, general=False) -> SharedParameterSSM:
     )
 
 
-def test_shared_likelihood_is_the_sum_of_series_evidences():
-    ssm = make_shared()
+@pytest.mark.parametrize("general", [False, True])
+def test_shared_likelihood_is_the_sum_of_series_evidences(general):
+    ssm = make_shared(general=general)
     _, y = ssm.simulate(1.4, seed=2)
     theta = torch.tensor([0.5, 1.4, 3.0], dtype=DTYPE)
     steps = torch.arange(1, ssm.num_steps + 1)
