@@ -583,6 +583,13 @@ class SharedParameterSSM:
     a product of Kalman evidences, and the posterior of ``theta`` and ``log p(y)`` follow
     by quadrature (:meth:`exact_posterior`, :meth:`log_evidence`).
 
+    Example::
+
+        mask = torch.rand(12, 30) < 0.5  # each series observed at about half the steps
+        ssm = SharedParameterSSM(torch.linspace(0, 3, 31), mask, torch.ones(2))
+        _, y = ssm.simulate(theta=1.2, seed=0)
+        grid, density, mean, sd = ssm.exact_posterior(y)
+
     :param torch.Tensor times: grid ``(N + 1,)``; its dtype is the problem's.
     :param torch.Tensor obs_mask: boolean ``(S, N)``: ``obs_mask[i, k - 1]`` if ``x_k``
         of series ``i`` is observed.
@@ -765,10 +772,14 @@ class SharedParameterSSM:
 class EulerMaruyamaPosterior(NamedTuple):
     """Posterior of ``(l, s)`` by 2-D quadrature.
 
-    :ivar l_grid: values of ``l`` ``(G,)``. :ivar s_grid: values of ``s`` ``(G,)``.
+    :ivar l_grid: values of ``l`` ``(G,)``.
+    :ivar s_grid: values of ``s`` ``(G,)``.
     :ivar weights: posterior mass at the grid points ``(G, G)`` (sums to one).
-    :ivar density: posterior density per unit of ``(l, s)`` ``(G, G)``.
-    :ivar l_mean: :ivar l_sd: :ivar s_mean: :ivar s_sd: posterior moments (0-d).
+    :ivar density: posterior density per unit of ``(l, s)`` at the grid points ``(G, G)``.
+    :ivar l_mean: posterior mean of ``l`` (0-d).
+    :ivar l_sd: posterior standard deviation of ``l`` (0-d).
+    :ivar s_mean: posterior mean of ``s`` (0-d).
+    :ivar s_sd: posterior standard deviation of ``s`` (0-d).
     :ivar log_evidence: exact ``log p(y)`` (0-d).
     """
 
@@ -800,6 +811,12 @@ class EulerMaruyamaExample:
 
     Site names of :meth:`model`: ``"l"``, ``"s"``, ``"path"`` (``(N, 1)``) and the
     observed ``"y"`` (``(N,)``, as in PyMC).
+
+    Example::
+
+        example = EulerMaruyamaExample()
+        _, y = example.simulate(l=0.6, s=0.08, seed=3)
+        exact = example.exact_posterior(y)  # exact.l_mean, exact.l_sd, exact.s_mean, ...
 
     :param int num_steps: ``N``.
     :param float dt: step.
