@@ -62,35 +62,72 @@ def check_x0(x0, times: Tensor) -> None:
         raise ValueError("Expected `x0` to be finite, actual tensor contains NaN or inf")
 
 
-def check_output(name: str, out, x: Tensor, positive: bool) -> torch.Size:
-    """Check one probe of the drift or a callable diffusion; return its batch shape."""
+def check_noise_type(noise_type) -> None:
+    if noise_type not in ("diagonal", "general"):
+        raise ValueError(
+            f"Expected `noise_type` to be 'diagonal' or 'general', actual {noise_type!r}"
+        )
+
+
+def check_output(name: str, out, x: Tensor, positive: bool, matrix: bool = False) -> torch.Size:
+    """Check the shape of one probe of the drift or a callable diffusion (a contract
+    error raises) and return its batch shape. Values are not checked for finiteness:
+    a non-finite drift or diffusion makes ``log_prob`` non-finite, so inference (e.g.
+    NUTS) can reject it; a finite diffusion value that is not positive raises."""
     what = f"`{name}(times[0], x0)`"
     if not isinstance(out, Tensor):
         raise TypeError(f"Expected {what} to return a torch.Tensor, actual {type(out).__name__}")
-    if out.dim() == 0 or out.shape[-1] != x.shape[-1]:
-        raise ValueError(
-            f"Expected {what} to return a tensor shaped like x, {shape_of(x)} (last dimension "
-            f"exactly state_dim = {x.shape[-1]}), actual shape {shape_of(out)}"
-        )
+    if matrix:
+        if out.dim() < 2 or out.shape[-2] != x.shape[-1] or out.shape[-1] < 1:
+            raise ValueError(
+                f"Expected {what} to return a matrix of shape (..., {x.shape[-1]}, M) "
+                f"(state_dim rows, one column per Brownian motion), actual shape {shape_of(out)}"
+            )
+        batch = out.shape[:-2]
+    else:
+        if out.dim() == 0 or out.shape[-1] != x.shape[-1]:
+            raise ValueError(
+                f"Expected {what} to return a tensor shaped like x, {shape_of(x)} (last "
+                f"dimension exactly state_dim = {x.shape[-1]}), actual shape {shape_of(out)}"
+            )
+        batch = out.shape[:-1]
     try:
-        shape = torch.broadcast_shapes(out.shape, x.shape)
+        shape = torch.broadcast_shapes(batch, x.shape[:-1])
     except RuntimeError:
         raise ValueError(
             f"Expected {what} to return a tensor shaped like x, {shape_of(x)}, "
             f"actual shape {shape_of(out)}"
         ) from None
-    if not torch.isfinite(out).all():
-        raise ValueError(f"Expected {what} to be finite, actual output contains NaN or inf")
-    if positive and not (out > 0).all():
-        raise ValueError(f"Expected {what} to be positive, actual minimum {out.min().item()}")
-    return shape[:-1]
+    if positive:
+        finite = out[torch.isfinite(out)]
+        if not (finite > 0).all():
+            raise ValueError(
+                f"Expected {what} to be positive, actual minimum {finite.min().item()}"
+            )
+    return shape
 
 
 def check_diffusion(
-    diffusion, x0: Tensor, name: str = "diffusion", callable_allowed: bool = True
+    diffusion,
+    x0: Tensor,
+    name: str = "diffusion",
+    callable_allowed: bool = True,
+    matrix: bool = False,
 ) -> None:
     """A constant diffusion: a positive float, or a positive tensor ``(..., D)`` with the
-    dtype and device of ``x0``."""
+    dtype and device of ``x0``; with ``matrix``, a tensor ``(..., D, M)``."""
+    if matrix:
+        if not isinstance(diffusion, Tensor):
+            also = f" or a callable {name}(t, x)" if callable_allowed else ""
+            raise TypeError(
+                f"Expected `{name}` to be a tensor of shape (..., state_dim, M){also} with "
+                f"general noise, actual type {type(diffusion).__name__}"
+            )
+        if diffusion.dim() < 2 or diffusion.shape[-2] != x0.shape[-1]:
+            raise ValueError(
+                f"Expected `{name}` of shape (..., {x0.shape[-1]}, M) (state_dim rows) with "
+                f"general noise, actual shape {shape_of(diffusion)}"
+            )
     if isinstance(diffusion, bool) or not isinstance(diffusion, (int, float, Tensor)):
         also = f" or a callable {name}(t, x)" if callable_allowed else ""
         raise TypeError(
@@ -98,7 +135,7 @@ def check_diffusion(
             f"{also}, actual type {type(diffusion).__name__}"
         )
     if isinstance(diffusion, Tensor):
-        if diffusion.dim() > 0 and diffusion.shape[-1] != x0.shape[-1]:
+        if not matrix and diffusion.dim() > 0 and diffusion.shape[-1] != x0.shape[-1]:
             raise ValueError(
                 f"Expected `{name}` of shape (..., {x0.shape[-1]}) (state_dim of x0), "
                 f"actual shape {shape_of(diffusion)}"
@@ -108,11 +145,13 @@ def check_diffusion(
                 f"Expected `{name}` to share dtype and device with `x0`, actual "
                 f"{diffusion.dtype} on {diffusion.device} (x0: {x0.dtype} on {x0.device})"
             )
-        ok = torch.isfinite(diffusion).all() and (diffusion > 0).all()
+        finite = torch.isfinite(diffusion).all()
+        ok = finite if matrix else finite and (diffusion > 0).all()
     else:
         ok = math.isfinite(diffusion) and diffusion > 0
     if not ok:
-        raise ValueError(f"Expected `{name}` to be positive and finite, actual {diffusion}")
+        what = "finite" if matrix else "positive and finite"
+        raise ValueError(f"Expected `{name}` to be {what}, actual {diffusion}")
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> None:

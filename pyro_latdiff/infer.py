@@ -251,8 +251,11 @@ def fit(
       :class:`FitDivergedError` naming the step, the sites and the likely cause; the
       non-finite update is never applied, so nothing learned is lost;
     - optional clipping of the total gradient norm (``clip_norm``);
-    - a count of the guide states clamped into a guide's ``state_bounds``, shown in the
-      progress bar and reported by a :class:`LatentDiffusionWarning` at the end;
+    - the guide's running counters (a guide's optional ``fit_counters()`` hook, e.g.
+      the states a :class:`~pyro_latdiff.DiffusionGuide` clamped into its
+      ``state_bounds``) in the progress bar, and what its optional
+      ``fit_warning(counts, num_steps)`` hook says at the end as a
+      :class:`LatentDiffusionWarning`;
     - **checkpoints**: with ``checkpoint=path``, the parameter store, optimiser state,
       random state and loss history are saved atomically every ``checkpoint_every``
       steps, at the end, and when the run is interrupted (e.g. ``KeyboardInterrupt``);
@@ -318,7 +321,7 @@ def fit(
         start, losses = state["step"], state["losses"]
     rng = _rng_state()
     step = start
-    clamped_before = getattr(guide, "num_clamped", 0)
+    counters_before = _fit_counters(guide)
     try:
         with tqdm(total=num_steps, initial=start, disable=not progress, desc="SVI") as bar:
             for step in range(start, num_steps):
@@ -330,8 +333,8 @@ def fit(
                 if checkpoint is not None and (step + 1) % checkpoint_every == 0:
                     _save_checkpoint(checkpoint, svi, step + 1, losses, rng)
                 if step % 10 == 0 or step == num_steps - 1:
-                    clamped = getattr(guide, "num_clamped", 0) - clamped_before
-                    postfix = {"loss": f"{value:.4g}"} | ({"clamped": clamped} if clamped else {})
+                    counts = _counts_since(guide, counters_before)
+                    postfix = {"loss": f"{value:.4g}"} | {k: v for k, v in counts.items() if v}
                     bar.set_postfix(postfix, refresh=False)
                 bar.update()
     except (KeyboardInterrupt, FitDivergedError):
@@ -340,16 +343,25 @@ def fit(
         raise
     if checkpoint is not None:
         _save_checkpoint(checkpoint, svi, num_steps, losses, rng)
-    clamped = getattr(guide, "num_clamped", 0) - clamped_before
-    if clamped:
-        warnings.warn(
-            f"fit: {clamped} simulated guide states left the guide's state_bounds "
-            f"{guide.state_bounds} over {num_steps - start} steps and its drift saw them "
-            "clamped (the ELBO stays valid); widen the box if this is not rare",
-            LatentDiffusionWarning,
-            stacklevel=2,
-        )
+    warning = getattr(guide, "fit_warning", None)
+    message = (
+        None
+        if warning is None
+        else warning(_counts_since(guide, counters_before), num_steps - start)
+    )
+    if message:
+        warnings.warn(message, LatentDiffusionWarning, stacklevel=2)
     return losses
+
+
+def _fit_counters(guide) -> dict[str, int]:
+    """The guide's running counters, through its optional ``fit_counters()`` hook."""
+    counters = getattr(guide, "fit_counters", None)
+    return {} if counters is None else dict(counters())
+
+
+def _counts_since(guide, before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in _fit_counters(guide).items()}
 
 
 def _guarded_step(svi: SVI, step: int, clip_norm, losses, args, kwargs) -> float:
