@@ -198,6 +198,12 @@ def check_signature(name: str, function, args: tuple, kwargs: dict) -> None:
         ) from None
 
 
+def check_model_and_guide(model, guide, args: tuple, kwargs: dict) -> None:
+    """``model`` and ``guide`` are callables that accept ``(*args, **kwargs)``."""
+    for name, value in (("model", model), ("guide", guide)):
+        check_signature(name, value, args, kwargs)
+
+
 def check_ordered_pair(name: str, value, what: str = "(low, high)") -> tuple[float, float]:
     """``value`` is two finite numbers, the first below the second."""
     ok = (

@@ -19,45 +19,11 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._validation import check_positive_int, check_signature
+from ._traces import guide_and_model_traces, resolve_max_plate_nesting
+from ._validation import check_model_and_guide, check_positive_int, chunk_size_or_default
 from ._warnings import LatentDiffusionWarning
 
-__all__ = ["FitDivergedError", "default_optim", "fit", "log_evidence"]
-
-
-def _check_model_and_guide(model, guide, args, kwargs) -> None:
-    for name, value in (("model", model), ("guide", guide)):
-        check_signature(name, value, args, kwargs)
-
-
-def _guide_and_model_traces(model: Callable, guide: Callable, args, kwargs):
-    """One run of ``guide`` and of ``model`` replayed on it, hidden from any enclosing
-    handler and without gradients."""
-    with poutine.block(), torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    return guide_trace, model_trace
-
-
-def _plate_nesting(*traces) -> int:
-    """The deepest vectorised plate dimension of the sample sites in ``traces``."""
-    dims = [
-        -frame.dim
-        for trace in traces
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return max(dims, default=0)
-
-
-def _guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -> int:
-    """The deepest plate dimension used by ``model`` and ``guide``, found by tracing
-    both once (as :class:`~pyro.infer.ELBO` does when not told)."""
-    return _plate_nesting(*_guide_and_model_traces(model, guide, args, kwargs))
+__all__ = ["FitDivergedError", "default_optim", "effective_sample_size", "fit", "log_evidence"]
 
 
 def log_evidence(
@@ -90,14 +56,9 @@ def log_evidence(
         ``log_weights`` (shape ``(n,)``) describe it.
     """
     check_positive_int("num_samples", num_samples)
-    chunk_size = min(num_samples, 1000) if chunk_size is None else chunk_size
-    check_positive_int("chunk_size", chunk_size)
-    _check_model_and_guide(model, guide, args, kwargs)
-    needed = _guess_max_plate_nesting(model, guide, *args, **kwargs)
-    if max_plate_nesting is None:
-        max_plate_nesting = needed
-    else:
-        check_positive_int("max_plate_nesting", max_plate_nesting, minimum=needed)
+    chunk_size = chunk_size_or_default(chunk_size, num_samples)
+    check_model_and_guide(model, guide, args, kwargs)
+    max_plate_nesting = resolve_max_plate_nesting(model, guide, args, kwargs, max_plate_nesting)
     chunks = []
     with torch.no_grad():
         for start in range(0, num_samples, chunk_size):
@@ -115,16 +76,29 @@ def log_evidence(
     return _summarise(log_weights)
 
 
+def effective_sample_size(log_weights) -> float:
+    r"""Kish's effective sample size of importance weights,
+    :math:`(\sum_i w_i)^2 / \sum_i w_i^2`, computed from their logarithms.
+
+    :param log_weights: log-weights :math:`\log w_i`, a tensor or array of any shape
+        (flattened).
+    :type log_weights: torch.Tensor or numpy.ndarray
+    :returns: a number between 1 and the number of weights.
+    :rtype: float
+    """
+    log_weights = torch.as_tensor(log_weights).reshape(-1)
+    log_sum = torch.logsumexp(log_weights, 0)
+    return float(torch.exp(2 * log_sum - torch.logsumexp(2 * log_weights, 0)))
+
+
 def _summarise(log_weights: Tensor) -> Tensor:
     n = log_weights.shape[0]
-    log_sum = torch.logsumexp(log_weights, 0)
-    log_sum_sq = torch.logsumexp(2 * log_weights, 0)
-    estimate = log_sum - math.log(n)
-    ess = torch.exp(2 * log_sum - log_sum_sq)
-    # Var(w) / mean(w)^2 = n sum w^2 / (sum w)^2 - 1; stderr of log mean = sqrt(that / n).
-    relative_var = (n * torch.exp(log_sum_sq - 2 * log_sum) - 1).clamp(min=0)
-    estimate.stderr = float((relative_var / n).sqrt())
-    estimate.ess = float(ess)
+    estimate = torch.logsumexp(log_weights, 0) - math.log(n)
+    ess = effective_sample_size(log_weights)
+    # Var(w) / mean(w)^2 = n sum w^2 / (sum w)^2 - 1 = n / ess - 1; the stderr of the
+    # log mean is sqrt(that / n).
+    estimate.stderr = math.sqrt(max(n / ess - 1, 0.0) / n)
+    estimate.ess = ess
     estimate.log_weights = log_weights
     return estimate
 
@@ -157,7 +131,7 @@ class FitDivergedError(FloatingPointError):
 def _nonfinite_sites(model, guide, args, kwargs) -> list[str]:
     """Sites whose value or log-density is not finite in one guide/model run."""
     bad = []
-    traces = _guide_and_model_traces(model, guide, args, kwargs)
+    traces = guide_and_model_traces(model, guide, args, kwargs)
     with torch.no_grad():
         for trace in traces:
             for name, site in trace.nodes.items():
@@ -282,7 +256,7 @@ def fit(
         raise ValueError(
             f"Expected `clip_norm` to be a positive float or None, actual {clip_norm!r}"
         )
-    _check_model_and_guide(model, guide, args, kwargs)
+    check_model_and_guide(model, guide, args, kwargs)
     if optim is not None and not isinstance(optim, PyroOptim):
         raise TypeError(
             f"Expected `optim` to be a pyro.optim optimiser, actual {type(optim).__name__}"
@@ -299,7 +273,7 @@ def fit(
         raise TypeError(f"Expected `callback` to be callable, actual {type(callback).__name__}")
     optim = default_optim(num_steps) if optim is None else optim
     if loss is None:
-        nesting = _guess_max_plate_nesting(model, guide, *args, **kwargs)
+        nesting = resolve_max_plate_nesting(model, guide, args, kwargs)
         loss = Trace_ELBO(
             num_particles=num_particles, vectorize_particles=True, max_plate_nesting=nesting
         )

@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from scipy import stats
 
-from .calibration import Calibration
+from .calibration import Calibration, rank_histogram
 from .inference_data import psis_diagnostics
 
-__all__ = ["plot_paths", "plot_ranks", "plot_terminal"]
+__all__ = ["plot_fan", "plot_paths", "plot_ranks", "plot_terminal"]
 
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -56,11 +56,25 @@ def _select(dataset, var_name: str, coords: Mapping | None, state: int, group: s
     return values.transpose("sample", time_dims[0]), time_dims[0]
 
 
-def _fan(ax, times, paths, color, label) -> None:
+def plot_fan(times, paths, *, label: str = "", color: str = "tab:blue", ax=None):
+    """Fan chart of sampled paths: the median and the 50% and 90% bands over time.
+
+    :param times: the times, shape ``(T,)``.
+    :type times: numpy.ndarray or torch.Tensor
+    :param paths: one state of each sampled path at those times, shape ``(S, T)``.
+    :type paths: numpy.ndarray or torch.Tensor
+    :param str label: legend label prefix, e.g. ``"posterior"``.
+    :param str color: matplotlib colour of the bands and the median.
+    :param ax: matplotlib axes (default: a new figure).
+    :returns: the axes.
+    """
+    ax = _axes(ax)
+    times, paths = np.asarray(times), np.asarray(paths)
     q = np.quantile(paths, _QUANTILES, axis=0)
     ax.fill_between(times, q[0], q[4], color=color, alpha=0.2, lw=0, label=f"{label} 90%")
     ax.fill_between(times, q[1], q[3], color=color, alpha=0.4, lw=0, label=f"{label} 50%")
     ax.plot(times, q[2], color=color, lw=1.5, label=f"{label} median")
+    return ax
 
 
 def plot_paths(
@@ -80,7 +94,7 @@ def plot_paths(
     groups = [("prior", "tab:gray")] if "prior" in data.groups() else []
     for group, color in groups + [("posterior", "tab:blue")]:
         values, time_dim = _select(data[group], var_name, coords, state, group)
-        _fan(ax, values[time_dim].values, values.values, color, group)
+        plot_fan(values[time_dim].values, values.values, label=group, color=color, ax=ax)
     ax.set(xlabel="t", ylabel=f"{var_name} (state {state})")
     ax.legend(fontsize=7, ncol=2)
     return ax
@@ -159,14 +173,10 @@ def plot_ranks(
         raise ValueError(f"Expected `quantity` in {list(calibration.ranks)}, actual {quantity!r}")
     ranks = calibration.ranks[quantity]
     statistic, p_value = calibration.test(num_bins)[quantity]
-    length = calibration.num_samples + 1
-    if num_bins is None:
-        num_bins = int(max(2, min(20, ranks.size // 10, length)))
+    counts, expected = rank_histogram(ranks, calibration.num_samples, num_bins)
+    num_bins = counts.size
+    probs = expected / ranks.size
     ax = _axes(ax)
-    bins = ranks * num_bins // length
-    counts = np.bincount(bins, minlength=num_bins)
-    per_bin = np.bincount(np.arange(length) * num_bins // length, minlength=num_bins)
-    probs = per_bin / length
     lows = stats.binom.ppf(0.005, ranks.size, probs)
     highs = stats.binom.ppf(0.995, ranks.size, probs)
     centres = np.arange(num_bins)
@@ -181,9 +191,9 @@ def plot_ranks(
         label="99% band if uniform",
     )
     ax.bar(centres, counts, width=0.9, color="tab:blue", alpha=0.7, label="ranks")
-    ax.plot(centres, ranks.size * probs, "k--", lw=1, label="expected")
+    ax.plot(centres, expected, "k--", lw=1, label="expected")
     ax.set(
-        xlabel=f"rank bin ({length} ranks in {num_bins} bins)",
+        xlabel=f"rank bin ({calibration.num_samples + 1} ranks in {num_bins} bins)",
         ylabel="count",
         title=f"SBC ranks of {quantity}: chi2 {statistic:.1f}, p = {p_value:.3g}",
     )
