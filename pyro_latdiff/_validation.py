@@ -69,11 +69,20 @@ def check_x0(x0, times: Tensor | None = None) -> None:
         raise ValueError("Expected `x0` to be finite, actual tensor contains NaN or inf")
 
 
-def check_output(name: str, out, x: Tensor, positive: bool) -> torch.Size:
-    """Check one probe of the drift or a callable diffusion; return its batch shape."""
-    what = f"`{name}(times[0], x0)`"
+def check_output(
+    name: str, out, x: Tensor, positive: bool, *, call: str = "(times[0], x0)", exact: bool = False
+) -> torch.Size:
+    """Check one probe ``out = name{call}`` of the drift or a callable diffusion on ``x``:
+    shaped like ``x`` (exactly ``x``'s shape with ``exact``, else broadcasting with it and
+    with its last dimension), finite, and positive if asked; return its batch shape."""
+    what = f"`{name}{call}`"
     if not isinstance(out, Tensor):
         raise TypeError(f"Expected {what} to return a torch.Tensor, actual {type(out).__name__}")
+    if exact and out.shape != x.shape:
+        raise ValueError(
+            f"Expected {what} to return a tensor of x's shape {shape_of(x)}, "
+            f"actual shape {shape_of(out)}"
+        )
     if out.dim() == 0 or out.shape[-1] != x.shape[-1]:
         raise ValueError(
             f"Expected {what} to return a tensor shaped like x, {shape_of(x)} (last dimension "
@@ -278,17 +287,7 @@ def check_drift_on_samples(drift, x0: Tensor, t0: float) -> None:
     check_callable("drift", drift)
     x = x0.unsqueeze(0)
     t = torch.full((1,) + (1,) * x0.dim(), t0, dtype=x0.dtype, device=x0.device)
-    out = drift(t, x)
-    what = "`drift(t, x)`"
-    if not isinstance(out, Tensor):
-        raise TypeError(f"Expected {what} to return a torch.Tensor, actual {type(out).__name__}")
-    if out.shape != x.shape:
-        raise ValueError(
-            f"Expected {what} to return a tensor of x's shape {shape_of(x)}, "
-            f"actual shape {shape_of(out)}"
-        )
-    if not torch.isfinite(out).all():
-        raise ValueError(f"Expected {what} to be finite at x0, actual output contains NaN or inf")
+    check_output("drift", drift(t, x), x, positive=False, call="(t, x)", exact=True)
 
 
 def check_fn_output(name: str, out, x: Tensor) -> None:
