@@ -14,6 +14,14 @@ def shape_of(x) -> tuple:
     return tuple(x.shape)
 
 
+def _broadcast(value: Tensor, like: Tensor, expected: str) -> torch.Size:
+    """The broadcast shape of ``value`` and ``like``, else "Expected {expected}, actual ..."."""
+    try:
+        return torch.broadcast_shapes(value.shape, like.shape)
+    except RuntimeError:
+        raise ValueError(f"Expected {expected}, actual shape {shape_of(value)}") from None
+
+
 def check_times(times) -> None:
     if not isinstance(times, Tensor):
         raise TypeError(
@@ -88,13 +96,7 @@ def check_output(
             f"Expected {what} to return a tensor shaped like x, {shape_of(x)} (last dimension "
             f"exactly state_dim = {x.shape[-1]}), actual shape {shape_of(out)}"
         )
-    try:
-        shape = torch.broadcast_shapes(out.shape, x.shape)
-    except RuntimeError:
-        raise ValueError(
-            f"Expected {what} to return a tensor shaped like x, {shape_of(x)}, "
-            f"actual shape {shape_of(out)}"
-        ) from None
+    shape = _broadcast(out, x, f"{what} to return a tensor shaped like x, {shape_of(x)}")
     if not torch.isfinite(out).all():
         raise ValueError(f"Expected {what} to be finite, actual output contains NaN or inf")
     if positive and not (out > 0).all():
@@ -266,13 +268,7 @@ def check_constant_sigma(sigma, x0: Tensor) -> Tensor:
     check_diffusion(sigma, x0, name="sigma", callable_allowed=False)
     if not isinstance(sigma, Tensor):
         return torch.tensor(float(sigma), dtype=x0.dtype, device=x0.device)
-    try:
-        shape = torch.broadcast_shapes(sigma.shape, x0.shape)
-    except RuntimeError:
-        raise ValueError(
-            f"Expected `sigma` broadcastable to x0's shape {shape_of(x0)}, "
-            f"actual shape {shape_of(sigma)}"
-        ) from None
+    shape = _broadcast(sigma, x0, f"`sigma` broadcastable to x0's shape {shape_of(x0)}")
     if shape != x0.shape:
         raise ValueError(
             f"Expected `sigma` broadcastable to x0's shape {shape_of(x0)} without "
