@@ -41,7 +41,7 @@ def rank_histogram(
     :param int num_bins: number of bins; default about one per 10 ranks, 2 to 20, at
         most one per rank value.
     :returns: ``(counts, expected)``, two arrays of length ``num_bins``.
-    :rtype: tuple
+    :rtype: tuple(numpy.ndarray, numpy.ndarray)
     """
     check_positive_int("num_samples", num_samples)
     ranks = np.asarray(ranks).reshape(-1)
@@ -72,7 +72,7 @@ def rank_test(ranks, num_samples: int, num_bins: int | None = None) -> tuple[flo
     :param int num_samples: number ``L`` of posterior draws each rank was taken among.
     :param int num_bins: number of bins; default about one per 10 ranks, 2 to 20.
     :returns: ``(statistic, p_value)``.
-    :rtype: tuple
+    :rtype: tuple(float, float)
     """
     statistic, p_value = stats.chisquare(*rank_histogram(ranks, num_samples, num_bins))
     return float(statistic), float(p_value)
@@ -192,6 +192,7 @@ def calibrate(
         callables ``f(values)``; ``values`` maps each latent site to a tensor of shape
         ``(draws,) + shape`` (``shape`` the site's shape in one simulation, left-padded
         with ones to the model's plate nesting) and ``f`` returns ``(draws, ...)``.
+    :type quantities: list or dict
     :param int num_simulations: number of simulated data sets.
     :param int num_samples: posterior draws per simulation (``L``; ``L + 1`` a multiple
         of the number of bins keeps bins equal).
@@ -203,7 +204,7 @@ def calibrate(
         alter the trained guide.
     :param int num_steps: SVI steps of the default ``fit_fn``.
     :param bool progress: show a progress bar over the fits.
-    :returns: a :class:`Calibration`.
+    :rtype: Calibration
     """
     check_signature("model", model, args, kwargs)
     check_positive_int("num_simulations", num_simulations)

@@ -45,7 +45,8 @@ def log_evidence(
     vectorised over samples and computed in chunks of ``chunk_size`` samples to bound
     memory. Biased low by about ``stderr**2 / 2`` (Jensen), consistent as ``n`` grows.
 
-    :param model: Pyro model. :param guide: its guide (proposal).
+    :param callable model: Pyro model.
+    :param callable guide: its guide (the proposal).
     :param int num_samples: number ``n`` of importance samples.
     :param int chunk_size: samples per vectorised chunk (default: all at once, at most
         1000).
@@ -54,6 +55,7 @@ def log_evidence(
     :returns: a 0-d tensor; its attributes ``stderr`` (delta-method standard error of
         the log-estimate), ``ess`` (effective sample size ``(sum w)^2 / sum w^2``) and
         ``log_weights`` (shape ``(n,)``) describe it.
+    :rtype: torch.Tensor
     """
     check_positive_int("num_samples", num_samples)
     chunk_size = chunk_size_or_default(chunk_size, num_samples)
@@ -105,7 +107,13 @@ def _summarise(log_weights: Tensor) -> Tensor:
 
 def default_optim(num_steps: int, lr: float = 1e-2, final_lr: float = 1e-3) -> PyroOptim:
     """Adam with gradient-norm clipping and a learning rate decaying geometrically from
-    ``lr`` to ``final_lr`` over ``num_steps`` (:class:`pyro.optim.ClippedAdam`)."""
+    ``lr`` to ``final_lr`` over ``num_steps`` (:class:`pyro.optim.ClippedAdam`).
+
+    :param int num_steps: the number of steps over which the rate decays.
+    :param float lr: the initial learning rate.
+    :param float final_lr: the learning rate after ``num_steps`` steps.
+    :rtype: pyro.optim.PyroOptim
+    """
     check_positive_int("num_steps", num_steps)
     return pyro.optim.ClippedAdam(
         {"lr": lr, "lrd": (final_lr / lr) ** (1.0 / num_steps), "clip_norm": 10.0}
@@ -118,6 +126,9 @@ class FitDivergedError(FloatingPointError):
     The parameters and optimiser state are left as they were after the last finite
     step (the non-finite update is never applied).
 
+    :param str message: the error message.
+    :param int step: the step (0-based) whose loss or gradients were not finite.
+    :param list losses: the losses of the steps before it.
     :ivar int step: the step (0-based) whose loss or gradients were not finite.
     :ivar list losses: the losses of the steps before it.
     """
@@ -235,16 +246,21 @@ def fit(
       one.
 
     :param int num_steps: total number of SVI steps (including those of a resumed run).
-    :param optim: a Pyro optimiser; :func:`default_optim` if omitted.
-    :param loss: an ELBO; ``Trace_ELBO(num_particles, vectorize_particles=True)`` if
+    :param callable model: Pyro model.
+    :param callable guide: its guide.
+    :param pyro.optim.PyroOptim optim: a Pyro optimiser; :func:`default_optim` if
+        omitted.
+    :param pyro.infer.ELBO loss: an ELBO; ``Trace_ELBO(num_particles, vectorize_particles=True)`` if
         omitted.
     :param int num_particles: particles of the default loss.
     :param float clip_norm: clip the total gradient norm to this value.
     :param checkpoint: file to save to and resume from.
+    :type checkpoint: str or os.PathLike
     :param int checkpoint_every: steps between checkpoints.
     :param callable callback: ``callback(step, loss)`` after every step.
     :param bool progress: show a tqdm progress bar with the running loss.
     :returns: the loss (negative ELBO estimate) at every step.
+    :rtype: list
     :raises FitDivergedError: if a loss or gradient is not finite.
     """
     check_positive_int("num_steps", num_steps)

@@ -181,14 +181,15 @@ def to_inference_data(
         data = to_inference_data(model, guide, y, num_samples=500)
         print(az.summary(data, var_names=["theta"]), az.loo(data))
 
-    :param callable model: Pyro model. :param callable guide: its fitted guide.
+    :param callable model: Pyro model.
+    :param callable guide: its fitted guide.
     :param int num_samples: draws per chain.
     :param int num_chains: number of chains the draws are split into.
     :param int num_prior_samples: draws from the prior (0: no prior groups).
     :param int chunk_size: draws per vectorised pass (default: all, at most 1000).
     :param int max_plate_nesting: as in :class:`~pyro.infer.ELBO`; found by tracing if
         omitted.
-    :returns: the :class:`arviz.InferenceData`.
+    :rtype: arviz.InferenceData
     """
     check_model_and_guide(model, guide, args, kwargs)
     check_positive_int("num_samples", num_samples)
@@ -382,7 +383,7 @@ def psis_diagnostics(data: az.InferenceData) -> ImportanceDiagnostics:
     inference*).
 
     :param arviz.InferenceData data: with ``sample_stats.log_weight``.
-    :returns: an :class:`ImportanceDiagnostics`.
+    :rtype: ImportanceDiagnostics
     """
     log_weights = _log_weights(data)
     shape = log_weights.shape
@@ -431,8 +432,9 @@ def importance_mean(
     :param arviz.InferenceData data: as made by :func:`to_inference_data`.
     :param callable fn: maps the posterior :class:`xarray.Dataset` to the quantities
         to average (default: the posterior itself).
-    :param var_names: posterior variables to keep before applying ``fn``.
+    :param list var_names: posterior variables to keep before applying ``fn``.
     :returns: the expectations, with the ``chain`` and ``draw`` dimensions reduced.
+    :rtype: xarray.Dataset or xarray.DataArray
     """
     log_weights = psis_diagnostics(data).log_weights
     posterior = data.posterior

@@ -65,8 +65,9 @@ def plot_fan(times, paths, *, label: str = "", color: str = "tab:blue", ax=None)
     :type paths: numpy.ndarray or torch.Tensor
     :param str label: legend label prefix, e.g. ``"posterior"``.
     :param str color: matplotlib colour of the bands and the median.
-    :param ax: matplotlib axes (default: a new figure).
+    :param matplotlib.axes.Axes ax: the axes to draw on (default: a new figure).
     :returns: the axes.
+    :rtype: matplotlib.axes.Axes
     """
     ax = _axes(ax)
     times, paths = np.asarray(times), np.asarray(paths)
@@ -83,12 +84,14 @@ def plot_paths(
     """Fan chart of a path: median, 50% and 90% bands of the posterior over time, and
     of the prior if ``data`` has a ``prior`` group.
 
-    :param arviz.InferenceData data: from :func:`to_inference_data`.
+    :param arviz.InferenceData data: from
+        :func:`~pyro_latdiff.inference_data.to_inference_data`.
     :param str var_name: the path variable.
     :param dict coords: one value per plate dimension, e.g. ``{"series": 0}``.
     :param int state: index of the state dimension to show.
-    :param ax: matplotlib axes (default: a new figure).
+    :param matplotlib.axes.Axes ax: the axes to draw on (default: a new figure).
     :returns: the axes.
+    :rtype: matplotlib.axes.Axes
     """
     ax = _axes(ax)
     groups = [("prior", "tab:gray")] if "prior" in data.groups() else []
@@ -114,7 +117,8 @@ def plot_terminal(
     """Histogram of a path's terminal state under the guide, with its PSIS-weighted
     (importance-corrected) version and, where known, the exact density.
 
-    :param arviz.InferenceData data: from :func:`to_inference_data`.
+    :param arviz.InferenceData data: from
+        :func:`~pyro_latdiff.inference_data.to_inference_data`.
     :param str var_name: the path variable.
     :param callable density: ``density(x)`` of the exact terminal marginal, for a numpy
         array ``x``.
@@ -122,8 +126,9 @@ def plot_terminal(
     :param int state: index of the state dimension to show.
     :param bool weighted: also show the PSIS-weighted histogram.
     :param int bins: histogram bins.
-    :param ax: matplotlib axes (default: a new figure).
+    :param matplotlib.axes.Axes ax: the axes to draw on (default: a new figure).
     :returns: the axes.
+    :rtype: matplotlib.axes.Axes
     """
     ax = _axes(ax)
     values, _ = _select(data.posterior, var_name, coords, state, "posterior")
@@ -161,8 +166,9 @@ def plot_ranks(
     :param Calibration calibration: from :func:`~pyro_latdiff.calibration.calibrate`.
     :param str quantity: which quantity (default: the first).
     :param int num_bins: bins, as in :func:`~pyro_latdiff.calibration.rank_test`.
-    :param ax: matplotlib axes (default: a new figure).
+    :param matplotlib.axes.Axes ax: the axes to draw on (default: a new figure).
     :returns: the axes.
+    :rtype: matplotlib.axes.Axes
     """
     if not isinstance(calibration, Calibration):
         raise TypeError(

@@ -27,7 +27,13 @@ class ArrivalLaw:
     """
 
     def sample(self, shape: tuple[int, ...], dtype: torch.dtype, device=None) -> Tensor:
-        """Draw i.i.d. inter-arrival times, strictly positive, of the given shape."""
+        """Draw i.i.d. inter-arrival times, strictly positive, of the given shape.
+
+        :param tuple shape: the shape of the draws.
+        :param torch.dtype dtype: their dtype.
+        :param device: their device.
+        :rtype: torch.Tensor
+        """
         raise NotImplementedError
 
     def density(self, t: Tensor) -> Tensor:
