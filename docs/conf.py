@@ -43,3 +43,19 @@ autodoc_preserve_defaults = True
 
 html_theme = "alabaster"
 html_static_path = []
+
+
+def _resolve_top_level(app, env, node, contnode):
+    """``pyro_latdiff.X``, the path users import the main names from, links to the
+    module where ``X`` is documented."""
+    module, _, name = node.get("reftarget", "").rpartition(".")
+    if module != "pyro_latdiff" or name not in pyro_latdiff.__all__:
+        return None
+    target = f"{getattr(pyro_latdiff, name).__module__}.{name}"
+    return env.get_domain("py").resolve_xref(
+        env, node["refdoc"], app.builder, node["reftype"], target, node, contnode
+    )
+
+
+def setup(app):
+    app.connect("missing-reference", _resolve_top_level)
