@@ -1,9 +1,5 @@
 r"""Randomised multilevel Monte Carlo: unbiased expectations from coupled Euler levels.
 
-the lightest tails (kurtosis 26 to 244): prefer it when the error bar matters
-more than the cost. For stiffer drifts (``L T`` of 4 and more) prefer
-:func:`rmlmc_expectation`.
-
 Rhee & Glynn (2015). Level :math:`\ell` is Euler with ``base_steps * 2**l`` steps; fine and
 coarse paths share Brownian increments. With :math:`L` drawn from
 :math:`P(L \ge \ell) = 2^{-r \ell}` the single-term estimator is
@@ -12,6 +8,8 @@ coupled-sum estimator :math:`\sum_{\ell \le L} (g(X^{\ell}) - g(X^{\ell-1})) /
 P(L \ge \ell)` (:math:`g(X^{-1}) = 0`). Both have finite variance and finite mean
 cost when :math:`\mathbb E (g(X^\ell) - g(X^{\ell-1}))^2 = O(2^{-\beta \ell})` with
 :math:`1 < r < \beta`; with additive noise Euler is Milstein, :math:`\beta = 2`,
+and the default ``r = 1.5`` sits in the middle of :math:`(1, 2)`.
+
 Shapes and cost are as in :mod:`pyro_latdiff.unbiased`.
 """
 
