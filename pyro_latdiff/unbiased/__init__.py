@@ -74,7 +74,9 @@ Example::
 from .arrivals import ArrivalLaw, ExponentialArrivals, PowerArrivals
 from .euler import euler_expectation
 from .parametrix import expectation, likelihood, sample_weighted
+from .results import Drift as Drift  # the argument types, importable from here as before
 from .results import LikelihoodEstimate, UnbiasedEstimate, WeightedSample
+from .results import Sigma as Sigma
 from .rmlmc import rmlmc_expectation
 
 __all__ = [

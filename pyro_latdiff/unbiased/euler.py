@@ -16,7 +16,7 @@ from .._validation import (
     check_sde_arguments,
     check_x0,
 )
-from .results import DEFAULT_CHUNK_SIZE, Drift, Sigma, UnbiasedEstimate, summarise
+from .results import DEFAULT_SAMPLES_PER_CHUNK, Drift, Sigma, UnbiasedEstimate, summarise
 
 __all__ = ["euler_expectation"]
 
@@ -64,7 +64,7 @@ def euler_expectation(
     check_x0(x0)
     check_fn("fn", fn, x0)
     _, sigma_t, chunk = check_sde_arguments(
-        drift, x0, t0, t1, sigma, num_samples, chunk_size, DEFAULT_CHUNK_SIZE
+        drift, x0, t0, t1, sigma, num_samples, chunk_size, DEFAULT_SAMPLES_PER_CHUNK
     )
     parts = []
     for start in range(0, num_samples, chunk):

@@ -89,7 +89,7 @@ from torch import Tensor
 from .._validation import check_fn, check_fn_output, check_sde_arguments, check_x0
 from .arrivals import ArrivalLaw, arrivals_or_default
 from .results import (
-    DEFAULT_CHUNK_SIZE,
+    DEFAULT_SAMPLES_PER_CHUNK,
     Drift,
     LikelihoodEstimate,
     Sigma,
@@ -197,7 +197,7 @@ def sample_weighted(
     :rtype: WeightedSample
     """
     duration, sigma_t, chunk = check_sde_arguments(
-        drift, x0, t0, t1, sigma, num_samples, chunk_size, DEFAULT_CHUNK_SIZE
+        drift, x0, t0, t1, sigma, num_samples, chunk_size, DEFAULT_SAMPLES_PER_CHUNK
     )
     arrivals = arrivals_or_default(arrivals, duration)
     if not isinstance(antithetic, bool):

@@ -18,7 +18,7 @@ Drift = Callable[[Tensor, Tensor], Tensor]
 Sigma = float | Tensor
 
 #: Samples simulated at once when ``chunk_size`` is not given (a memory bound).
-DEFAULT_CHUNK_SIZE = 2**17
+DEFAULT_SAMPLES_PER_CHUNK = 2**17
 
 
 @dataclass(frozen=True)

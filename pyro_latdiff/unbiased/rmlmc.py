@@ -29,7 +29,7 @@ from .._validation import (
     check_sde_arguments,
     check_x0,
 )
-from .results import DEFAULT_CHUNK_SIZE, Drift, Sigma, UnbiasedEstimate, summarise
+from .results import DEFAULT_SAMPLES_PER_CHUNK, Drift, Sigma, UnbiasedEstimate, summarise
 
 __all__ = ["rmlmc_expectation"]
 
@@ -108,7 +108,7 @@ def rmlmc_expectation(
     check_x0(x0)
     check_fn("fn", fn, x0)
     _, sigma_t, chunk = check_sde_arguments(
-        drift, x0, t0, t1, sigma, num_samples, chunk_size, DEFAULT_CHUNK_SIZE
+        drift, x0, t0, t1, sigma, num_samples, chunk_size, DEFAULT_SAMPLES_PER_CHUNK
     )
     dtype, device = x0.dtype, x0.device
     u = 1.0 - torch.rand(num_samples, dtype=torch.float64)  # (0, 1]
