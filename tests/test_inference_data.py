@@ -53,7 +53,7 @@ def global_fit():
     fit(global_model, guide, y, num_steps=200, num_particles=8, progress=False)
     data = to_inference_data(global_model, guide, y, num_samples=500, num_prior_samples=300)
     with torch.no_grad():
-        samples = Predictive(
+        draws = Predictive(
             global_model,
             guide=guide,
             num_samples=2000,
@@ -64,13 +64,7 @@ def global_fit():
     state = pyro.get_param_store().get_state()
     torch.set_default_dtype(default)
     return dict(
-        y=y,
-        problem=problem,
-        guide=guide,
-        data=data,
-        samples=samples,
-        evidence=evidence,
-        state=state,
+        y=y, problem=problem, guide=guide, data=data, draws=draws, evidence=evidence, state=state
     )
 
 
@@ -113,7 +107,7 @@ def _max_z(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_posterior_agrees_with_guide_samples(global_fit):
-    data, samples = global_fit["data"], global_fit["samples"]
+    data, samples = global_fit["data"], global_fit["draws"]
     path = data.posterior["path"].stack(sample=("chain", "draw")).transpose("sample", ...)
     theta = data.posterior["theta"].values.reshape(-1)
     # 41 independent comparisons: max |z| < 5 fails with probability < 1e-4.
