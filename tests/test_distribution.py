@@ -9,7 +9,7 @@ from pyro.infer import Predictive, RenyiELBO, Trace_ELBO
 
 from pyro_latdiff import LatentDiffusion
 from pyro_latdiff.sde import solve
-from pyro_latdiff.testing import LinearSDE
+from pyro_latdiff.testing import LinearSDE, SharedRateOU
 
 DTYPE = torch.float64
 
@@ -138,19 +138,7 @@ def test_drift_closing_over_batched_parameter():
         assert torch.allclose(d.log_prob(path)[p], single.log_prob(path[p]))
 
 
-def ou_model(y, num_series=3):
-    theta = pyro.sample("theta", dist.LogNormal(0.0, 0.5))
-    with pyro.plate("series", num_series):
-        path = pyro.sample(
-            "path",
-            LatentDiffusion(
-                lambda t, x: -theta.unsqueeze(-1) * x,
-                1.0,
-                torch.zeros(num_series, 1, dtype=DTYPE),
-                GRIDS["uniform"],
-            ),
-        )
-        pyro.sample("y", dist.Normal(path[..., -1, 0], 0.5), obs=y)
+ou_model = SharedRateOU(GRIDS["uniform"], obs_scale=0.5).model  # a rate, a plate of 3 paths
 
 
 def ou_guide(y, num_series=3):

@@ -31,22 +31,17 @@ def linear_problem(obs_scale=0.3):
     )
 
 
-def global_model(y, times):
+def global_problem():
     """A global rate, a plate of series, terminal observations."""
-    theta = pyro.sample("theta", dist.LogNormal(0.0, 0.5))
-    with pyro.plate("series", y.shape[0]):
-        x0 = torch.zeros(y.shape[0], 1)
-        drift = lambda t, x: -theta.unsqueeze(-1) * x  # noqa: E731
-        path = pyro.sample("path", LatentDiffusion(drift, 1.0, x0, times))
-        pyro.sample("y", dist.Normal(path[..., -1, 0], 0.2), obs=y)
+    return SharedRateOU(torch.linspace(0, 1, 11), obs_scale=0.2)
 
 
 def test_guide_without_guidance_at_initialisation_is_the_prior():
     y = torch.tensor([0.5, -1.0, 2.0])
-    times = torch.linspace(0, 1, 11)
+    global_model = global_problem().model
     guide = DiffusionGuide(global_model, bridge=False)
-    guide_trace = poutine.trace(guide).get_trace(y, times)
-    model_trace = poutine.trace(poutine.replay(global_model, trace=guide_trace)).get_trace(y, times)
+    guide_trace = poutine.trace(guide).get_trace(y)
+    model_trace = poutine.trace(poutine.replay(global_model, trace=guide_trace)).get_trace(y)
     path = guide_trace.nodes["path"]["value"]
     q = guide_trace.nodes["path"]["fn"].log_prob(path)
     p = model_trace.nodes["path"]["fn"].log_prob(path)
@@ -125,14 +120,14 @@ def test_bench_a_reaches_the_exact_discrete_posterior():
 
 def test_context_is_the_observations_and_latents_sharing_the_paths_plates():
     y = torch.tensor([0.5, -1.0, 2.0])
-    times = torch.linspace(0, 1, 11)
+    global_model = global_problem().model
     guide = DiffusionGuide(global_model)
-    guide(y, times)
+    guide(y)
     assert guide.chains.path.net.context_dim == 2  # y_i and theta
     # No context when asked for none; a callable context sets its own width.
-    assert DiffusionGuide(global_model, context=None).__call__(y, times)
-    custom = DiffusionGuide(global_model, context=lambda y, times: torch.stack([y, y**2], -1))
-    custom(y, times)
+    assert DiffusionGuide(global_model, context=None).__call__(y)
+    custom = DiffusionGuide(global_model, context=lambda y: torch.stack([y, y**2], -1))
+    custom(y)
     assert custom.chains.path.net.context_dim == 2
 
 

@@ -9,6 +9,7 @@ from .benes import (
     benes_terminal_moments,
     benes_transition_density,
 )
+from .grid import euler_grid_density
 from .linear import LinearSDE, ou_problem, ou_terminal_variance
 from .ou import ou_drift, ou_expectation_cos, ou_terminal_moments
 from .shared_rate import SharedRateOU
@@ -35,6 +36,7 @@ __all__ = [
     "benes_terminal_distribution",
     "benes_terminal_moments",
     "benes_transition_density",
+    "euler_grid_density",
     "ou_drift",
     "ou_expectation_cos",
     "ou_problem",
