@@ -318,3 +318,22 @@ def test_diverging_training_stops_keeping_the_last_finite_parameters():
     assert caught.value.step == 3 and len(seen) == 3
     assert torch.equal(pyro.param("score$$$w").detach(), seen[-1])
     assert torch.isfinite(net.w).all()
+
+
+def test_nothing_below_score_imports_it():
+    """Layering: score may import distribution, sde, drift, infer; nothing lower (nor
+    testing) imports score."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "pyro_latdiff"
+    allowed = {"__init__.py"}  # the top level may re-export score's names
+    for path in root.rglob("*.py"):
+        if "score" in path.relative_to(root).parts or path.relative_to(root).as_posix() in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                assert "score" not in module.split("."), f"{path} imports {module}"
+            elif isinstance(node, ast.Import):
+                assert all("score" not in a.name.split(".") for a in node.names), path
