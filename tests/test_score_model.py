@@ -236,6 +236,7 @@ def test_samples_have_the_data_law(float64):
         (torch.zeros(5, 3), r"Expected `data` of shape \(num_data, 2\)"),
         (torch.zeros(0, 2), r"Expected `data` to hold at least one point"),
         (torch.zeros(5), r"Expected `data` of shape"),
+        (torch.zeros(5, 2, dtype=torch.float64), r"Expected `data` of dtype torch.float32"),
     ],
 )
 @pytest.mark.parametrize("loss", ["trace", "dsm"])
@@ -251,6 +252,11 @@ class _WrongShape(nn.Module):
         return x[..., :1]
 
 
+class _OneTimeOnly(nn.Module):
+    def forward(self, t, x):
+        return -x * t.reshape(())
+
+
 class _NonFinite(nn.Module):
     def forward(self, t, x):
         return x / 0.0
@@ -262,6 +268,7 @@ class _NonFinite(nn.Module):
         (_WrongShape(), ValueError, r"Expected `score\(t, x\)` .* of x's shape \(3, 2\)"),
         (_NonFinite(), ValueError, r"Expected `score\(t, x\)` .* to be finite"),
         ("not a net", TypeError, r"Expected `score` to be a callable"),
+        (_OneTimeOnly(), ValueError, r"Expected `score\(t, x\)` with t of shape \(2, 1, 1\)"),
     ],
 )
 def test_score_contract_is_checked_once(score, error, message):
