@@ -22,6 +22,7 @@ MODULES = [
     "pyro_latdiff.chain",
     "pyro_latdiff.guide",
     "pyro_latdiff.infer",
+    "pyro_latdiff.score",
 ]
 
 
@@ -60,6 +61,7 @@ LAYERS = [
     {"chain"},
     {"guide"},
     {"infer"},
+    {"sampling", "score"},
     {"calibration"},
     {"inference_data"},
     {"plots"},

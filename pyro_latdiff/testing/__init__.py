@@ -11,6 +11,7 @@ from .benes import (
 )
 from .grid import euler_grid_density
 from .linear import LinearSDE, ou_problem, ou_terminal_variance
+from .mixture import GaussianMixture
 from .ou import ou_drift, ou_expectation_cos, ou_terminal_moments
 from .shared_rate import SharedRateOU
 from .state_space import (
@@ -24,6 +25,7 @@ from .state_space import (
 __all__ = [
     "EulerMaruyamaExample",
     "EulerMaruyamaPosterior",
+    "GaussianMixture",
     "LinearGaussianSSM",
     "LinearSDE",
     "ScalarPosterior",
