@@ -3,3 +3,8 @@
 
 class LatentDiffusionWarning(UserWarning):
     """A warning about a latent-diffusion model, guide or estimate."""
+
+
+class GuideQualityWarning(UserWarning):
+    """The fitted guide looks far from the posterior (see :func:`~pyro_latdiff.fit`'s
+    ``check``): its posterior spread is likely too narrow."""

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ._traces import guide_and_model_traces, resolve_max_plate_nesting
 from ._validation import check_model_and_guide, check_positive_int, chunk_size_or_default
-from ._warnings import LatentDiffusionWarning
+from ._warnings import GuideQualityWarning, LatentDiffusionWarning
 
 __all__ = ["FitDivergedError", "default_optim", "effective_sample_size", "fit", "log_evidence"]
 
@@ -225,6 +225,7 @@ def fit(
     checkpoint_every: int = 100,
     callback: Callable[[int, float], None] | None = None,
     progress: bool = True,
+    check: bool | None = None,
     **kwargs,
 ) -> list[float]:
     """Fit ``guide`` (and any model parameters) with :class:`pyro.infer.SVI`.
@@ -246,7 +247,12 @@ def fit(
       steps, at the end, and when the run is interrupted (e.g. ``KeyboardInterrupt``);
       a later call with the same ``path`` resumes where it stopped. On CPU with a
       fixed seed, an interrupted and resumed run is bit-identical to an uninterrupted
-      one.
+      one;
+    - **a check of the result**: after training, :func:`log_evidence` with
+      ``CHECK_SAMPLES`` draws; an effective sample size below ``CHECK_ESS_FRACTION`` of
+      them (the guide is far from the posterior, whose spread it then usually
+      understates) is a :class:`~pyro_latdiff._warnings.GuideQualityWarning` that says
+      what to try.
 
     :param int num_steps: total number of SVI steps (including those of a resumed run).
     :param callable model: Pyro model.
@@ -262,6 +268,8 @@ def fit(
     :param int checkpoint_every: steps between checkpoints.
     :param callable callback: ``callback(step, loss)`` after every step.
     :param bool progress: show a tqdm progress bar with the running loss.
+    :param bool check: run the check of the result; by default, when ``loss`` is the
+        default ELBO.
     :returns: the loss (negative ELBO estimate) at every step.
     :rtype: list
     :raises FitDivergedError: if a loss or gradient is not finite.
@@ -290,6 +298,9 @@ def fit(
         raise TypeError(f"Expected `progress` to be a bool, actual {progress!r}")
     if callback is not None and not callable(callback):
         raise TypeError(f"Expected `callback` to be callable, actual {type(callback).__name__}")
+    if check is not None and not isinstance(check, bool):
+        raise TypeError(f"Expected `check` to be a bool or None, actual {check!r}")
+    check = loss is None if check is None else check
     optim = default_optim(num_steps) if optim is None else optim
     if loss is None:
         nesting = resolve_max_plate_nesting(model, guide, args, kwargs)
@@ -341,7 +352,32 @@ def fit(
     )
     if message:
         warnings.warn(message, LatentDiffusionWarning, stacklevel=2)
+    if check:
+        _check_fit(model, guide, args, kwargs)
     return losses
+
+
+#: Draws of :func:`fit`'s check of the result, and the effective sample size, as a
+#: fraction of them, below which it warns.
+CHECK_SAMPLES = 256
+CHECK_ESS_FRACTION = 0.1
+
+
+def _check_fit(model, guide, args, kwargs) -> None:
+    estimate = log_evidence(model, guide, *args, num_samples=CHECK_SAMPLES, chunk_size=64, **kwargs)
+    fraction = estimate.ess / CHECK_SAMPLES
+    if math.isfinite(fraction) and fraction >= CHECK_ESS_FRACTION:
+        return
+    warnings.warn(
+        f"fit: the fitted guide's importance sampling effective sample size is "
+        f"{estimate.ess:.1f} of {CHECK_SAMPLES} draws ({fraction:.1%}): the guide is far "
+        "from the posterior and its posterior spread is likely too narrow. Train longer "
+        "(num_steps) or with more particles, or use a richer guide (for correlated "
+        "parameters DiffusionGuide(model, latent_guide=AutoMultivariateNormal), wider "
+        "hidden_dims); pyro_latdiff.psis_diagnostics tells which sites are off",
+        GuideQualityWarning,
+        stacklevel=3,
+    )
 
 
 def _fit_counters(guide) -> dict[str, int]:

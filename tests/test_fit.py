@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pyro
 import pytest
@@ -153,3 +154,22 @@ def test_states_clamped_into_the_box_are_counted_reported_and_keep_the_evidence_
     # The clamped chain is still a proper proposal: importance sampling stays consistent.
     estimate = log_evidence(problem.model, guide, y, num_samples=20000, chunk_size=5000)
     assert abs(estimate.item() - problem.log_evidence(y).item()) < 3 * estimate.stderr
+
+
+def test_fit_warns_when_the_guide_is_far_from_the_posterior():
+    """Two steps on 40 series with an unknown rate: the rate's guide is far from its
+    posterior and the importance ESS of the joint guide collapses."""
+    from pyro_latdiff._warnings import GuideQualityWarning
+    from pyro_latdiff.testing import SharedRateOU
+
+    problem = SharedRateOU(torch.linspace(0.0, 1.0, 6), obs_scale=0.1, prior_scale=2.0)
+    y = problem.simulate(3.0, 40)
+    guide = DiffusionGuide(problem.model)
+    with pytest.warns(GuideQualityWarning, match=r"effective sample size is .* of 256 draws"):
+        fit(problem.model, guide, y, num_steps=2, progress=False)
+    # Exact at initialisation (a linear-Gaussian path, one terminal observation): quiet.
+    problem = ou_problem(num_steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GuideQualityWarning)
+        fit(problem.model, DiffusionGuide(problem.model), torch.tensor([1.5]), num_steps=2,
+            progress=False)  # fmt: skip
