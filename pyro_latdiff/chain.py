@@ -46,7 +46,7 @@ import torch
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 
-from .distribution import EulerChain, LatentDiffusion
+from .distribution import ALL_STEPS, EulerChain, LatentDiffusion
 from .drift import NeuralDrift
 from .filter import GuidedKernel
 from .sde import at_step
@@ -178,15 +178,18 @@ class Control:
             control = control + target_gain[0] * self.target(x)
         return control, log_scale + step_log_scale
 
-    def path(self, t: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-        """All steps at once, time leftmost: ``previous`` is ``(N,) + batch + (D,)``."""
+    def path(self, t: Tensor, previous: Tensor, steps: slice = ALL_STEPS) -> tuple[Tensor, Tensor]:
+        """The steps ``steps`` at once, time leftmost: ``previous`` is
+        ``(K,) + batch + (D,)``."""
         shape = (-1,) + (1,) * (previous.dim() - 2) + previous.shape[-1:]
         control, log_scale = self.net(t, previous, self.context).chunk(2, dim=-1)
-        control = control + self.linear_gain.reshape(shape) * previous
-        control = control + self.offset.reshape(shape)
+        linear_gain, offset, step_log_scale, *target_gain = (
+            table.reshape(shape) for table in self._tables[steps].unbind(1)
+        )
+        control = control + linear_gain * previous + offset
         if self.target is not None:
-            control = control + self.target_gain.reshape(shape) * self.target(previous)
-        return control, log_scale + self.log_scale.reshape(shape)
+            control = control + target_gain[0] * self.target(previous)
+        return control, log_scale + step_log_scale
 
 
 class ControlledChain(EulerChain):
@@ -203,6 +206,8 @@ class ControlledChain(EulerChain):
     :param tuple bounds: ``(low, high)``: the chain's functions see the state clamped
         into this box (the chain stays a proper distribution); simulated states that
         left it are counted in :attr:`num_clamped`.
+    :param int block_size: steps per checkpointed block (see
+        :attr:`~pyro_latdiff.distribution.EulerChain.block_size`).
     """
 
     def __init__(
@@ -211,8 +216,10 @@ class ControlledChain(EulerChain):
         control: Control,
         kernel: GuidedKernel | None = None,
         bounds: tuple[float, float] | None = None,
+        block_size: int | None = None,
     ):
         self.prior = prior
+        self.block_size = block_size
         self.control = control
         self.kernel = kernel
         self.bounds = bounds
@@ -255,13 +262,14 @@ class ControlledChain(EulerChain):
         control, log_scale = self.control.step(k, inside)
         return self._combine(drift, scale, control, log_scale, scale)
 
-    def path_coefficients(self, t: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+    def path_coefficients(
+        self, t: Tensor, previous: Tensor, steps: slice = ALL_STEPS
+    ) -> tuple[Tensor, Tensor]:
         inside = self._clamp(previous)
-        drift, scale = self.prior.path_coefficients(t, inside)
+        drift, scale = self.prior.path_coefficients(t, inside, steps)
         if self.kernel is not None:
-            steps = self.times.diff().reshape(t.shape)
             drift, scale = self.kernel.path(previous, drift, scale, steps)
-        control, log_scale = self.control.path(t, inside)
+        control, log_scale = self.control.path(t, inside, steps)
         return self._combine(drift, scale, control, log_scale, scale)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:

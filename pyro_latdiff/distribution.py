@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ._validation import (
     check_diffusion,
@@ -18,7 +19,10 @@ from ._validation import (
 )
 from .sde import NOISE_TYPES, Diffusion, at_step, constant_diffusion, simulate, transition_log_prob
 
-__all__ = ["EulerChain", "LatentDiffusion"]
+__all__ = ["ALL_STEPS", "EulerChain", "LatentDiffusion"]
+
+#: The ``steps`` of :meth:`EulerChain.path_coefficients` that mean every step.
+ALL_STEPS = slice(None)
 
 
 class EulerChain(TorchDistribution):
@@ -43,6 +47,10 @@ class EulerChain(TorchDistribution):
     times: Tensor
     noise_type: str
     noise_dim: int
+    #: Steps per checkpointed block (``None``: none). With it, :meth:`rsample` and
+    #: :meth:`log_prob` keep the activations of one block of steps at a time for the
+    #: backward pass and recompute the rest, so memory does not grow with ``N``.
+    block_size: int | None = None
 
     def _init_chain(self, batch_shape: torch.Size, validate_args) -> None:
         self.x0 = self.x0.expand(batch_shape + self.x0.shape[-1:])
@@ -63,10 +71,12 @@ class EulerChain(TorchDistribution):
         """``(drift, scale)`` of step ``k`` at states ``x``."""
         raise NotImplementedError
 
-    def path_coefficients(self, t: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-        """``(drift, scale)`` of every step at once: ``previous`` is
-        ``(N,) + batch + (D,)`` (the states ``x_0 .. x_{N-1}``), ``t`` is
-        ``times[:-1]`` shaped ``(N, 1, ..., 1)``."""
+    def path_coefficients(
+        self, t: Tensor, previous: Tensor, steps: slice = ALL_STEPS
+    ) -> tuple[Tensor, Tensor]:
+        """``(drift, scale)`` of the steps ``steps`` (all by default) at once:
+        ``previous`` is ``(K,) + batch + (D,)`` (the states ``x_k`` at those steps),
+        ``t`` is ``times[steps]`` shaped ``(K, 1, ..., 1)``."""
         raise NotImplementedError
 
     def expand(self, batch_shape, _instance=None):
@@ -87,7 +97,9 @@ class EulerChain(TorchDistribution):
             raise ValueError(f"Expected `sample_shape` of sizes >= 0, actual {sample_shape}")
         shape = self._extended_shape(sample_shape)[:-2]
         x0 = self.x0.expand(shape + self.x0.shape[-1:])
-        return simulate(self.step, x0, self.times, None, self.noise_type, self.noise_dim)
+        return simulate(
+            self.step, x0, self.times, None, self.noise_type, self.noise_dim, self.block_size
+        )
 
     def log_prob(self, value: Tensor) -> Tensor:
         if not isinstance(value, Tensor):
@@ -107,7 +119,25 @@ class EulerChain(TorchDistribution):
         previous = torch.cat([x0.unsqueeze(0), value[:-1]], dim=0)
         steps = self.times.diff().reshape((-1,) + (1,) * (value.dim() - 1))
         t = self.times[:-1].reshape(steps.shape)
-        drift, scale = self.path_coefficients(t, previous)
+        size = self.block_size
+        if size is None or size >= self.num_steps or not torch.is_grad_enabled():
+            return self._log_prob_of_steps(value, previous, t, steps, ALL_STEPS)
+        total = 0.0
+        for start in range(0, self.num_steps, size):
+            window = slice(start, start + size)
+            total = total + checkpoint(
+                self._log_prob_of_steps,
+                value[window],
+                previous[window],
+                t[window],
+                steps[window],
+                window,
+                use_reentrant=False,
+            )
+        return total
+
+    def _log_prob_of_steps(self, value, previous, t, steps, window: slice) -> Tensor:
+        drift, scale = self.path_coefficients(t, previous, window)
         return transition_log_prob(value, previous, drift, scale, steps, self.noise_type)
 
 
@@ -216,7 +246,9 @@ class LatentDiffusion(EulerChain):
         t = at_step(self.times, k)
         return self.drift(t, x), self._diffusion_fn(t, x)
 
-    def path_coefficients(self, t: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+    def path_coefficients(
+        self, t: Tensor, previous: Tensor, steps: slice = ALL_STEPS
+    ) -> tuple[Tensor, Tensor]:
         return self.drift(t, previous), self._diffusion_fn(t, previous)
 
     def diffusion_at(self, t: Tensor, x: Tensor) -> Tensor:

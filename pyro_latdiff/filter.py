@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .distribution import LatentDiffusion
+from .distribution import ALL_STEPS, LatentDiffusion
 from .sde import at_step
 
 __all__ = ["GuidedKernel", "backward_filter", "linearise_drift", "observation_terms"]
@@ -348,22 +348,23 @@ class GuidedKernel:
         return (guided_mean - x) / h, guided_scale
 
     def path(
-        self, previous: Tensor, drift: Tensor, scale: Tensor, steps: Tensor
+        self, previous: Tensor, drift: Tensor, scale: Tensor, steps: slice = ALL_STEPS
     ) -> tuple[Tensor, Tensor]:
-        """All steps at once: ``previous`` is ``(N,) + sample + batch + (D,)``, ``steps``
-        is ``(N, 1, ..., 1)``."""
-        mean = previous + drift * steps
+        """The steps ``steps`` (a slice of the grid's) at once: ``previous`` is
+        ``(K,) + sample + batch + (D,)``."""
+        h = self.steps[steps].reshape((-1,) + (1,) * (previous.dim() - 1))
+        mean = previous + drift * h
         extra = previous.dim() - 1 - len(self.batch_shape) - 1
         if self._precomputed is not None:
-            tables = self._precomputed
+            tables = [table[steps] for table in self._precomputed]
         else:
             cov_rate = _covariance(scale, self.prior_noise_type, self.dim)
-            H, F = self._insert(self.H, extra), self._insert(self.F, extra)
-            tables = self._tilt(cov_rate, steps, H, F)
+            H, F = self._insert(self.H[steps], extra), self._insert(self.F[steps], extra)
+            tables = self._tilt(cov_rate, h, H, F)
             extra = 0
         gain, shift, guided_scale = (self._insert(table, extra) for table in tables)
         guided_mean = self._apply(gain, mean) + shift
-        return (guided_mean - previous) / steps, guided_scale
+        return (guided_mean - previous) / h, guided_scale
 
     @staticmethod
     def _insert(table: Tensor, extra: int) -> Tensor:

@@ -233,6 +233,10 @@ class DiffusionGuide(AutoGuide):
         for all latents that are not paths (the model is given with the paths hidden),
         e.g. ``AutoMultivariateNormal`` or
         ``functools.partial(AutoLowRankMultivariateNormal, rank=2)``.
+    :param int block_size: memory flat in the number of steps: simulate and score each
+        path in checkpointed blocks of this many steps (activations of one block are
+        kept for the backward pass, the rest recomputed; same values and gradients, about
+        a third more time).
     :param callable init_loc_fn: initialisation of the non-path latent sites.
     :param float init_scale: initial scale of the non-path latent sites.
     :param callable create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`.
@@ -264,6 +268,7 @@ class DiffusionGuide(AutoGuide):
         target: Callable[[Tensor], Tensor] | None = None,
         target_clip: float = 1e2,
         latent_guide: Callable[[Callable], AutoGuide] | None = None,
+        block_size: int | None = None,
         init_loc_fn: Callable = init_to_feasible,
         init_scale: float = 0.1,
         create_plates: Callable | None = None,
@@ -279,6 +284,8 @@ class DiffusionGuide(AutoGuide):
         check_widths(hidden_dims)
         check_positive_int("num_frequencies", num_frequencies, minimum=0)
         check_positive_int("relinearise", relinearise, minimum=0)
+        if block_size is not None:
+            check_positive_int("block_size", block_size)
         for flag, value in (("bridge", bridge), ("path_derivative", path_derivative)):
             if not isinstance(value, bool):
                 raise TypeError(f"Expected `{flag}` to be a bool, actual {value!r}")
@@ -317,6 +324,7 @@ class DiffusionGuide(AutoGuide):
         )
         self.target = None if target is None else TargetGradient(target, float(target_clip))
         self._latent_guide_factory = latent_guide
+        self.block_size = block_size
         self.num_clamped = 0
         self.path_derivative = path_derivative
         self.init_loc_fn = init_loc_fn
@@ -553,11 +561,11 @@ class DiffusionGuide(AutoGuide):
                 f"{0 if context is None else context.shape[-1]}"
             )
         control = self._control(parameters, False, prior.times, context)
-        chain = ControlledChain(prior, control, kernel, self.state_bounds)
+        chain = ControlledChain(prior, control, kernel, self.state_bounds, self.block_size)
         if not self.path_derivative:
             return chain, chain
         detached = self._control(parameters, True, prior.times, context)
-        score = ControlledChain(prior, detached, kernel, self.state_bounds)
+        score = ControlledChain(prior, detached, kernel, self.state_bounds, self.block_size)
         return _PathDerivative(chain, score), chain
 
     def _plate_stack(self, name: str, plates: dict) -> ExitStack:

@@ -364,7 +364,18 @@ CHECK_ESS_FRACTION = 0.1
 
 
 def _check_fit(model, guide, args, kwargs) -> None:
-    estimate = log_evidence(model, guide, *args, num_samples=CHECK_SAMPLES, chunk_size=64, **kwargs)
+    try:
+        estimate = log_evidence(
+            model, guide, *args, num_samples=CHECK_SAMPLES, chunk_size=64, **kwargs
+        )
+    except ValueError as error:  # e.g. a model that does not vectorise over draws
+        warnings.warn(
+            f"fit: the check of the fitted guide could not run ({error}); pass check=False "
+            "to skip it",
+            GuideQualityWarning,
+            stacklevel=3,
+        )
+        return
     fraction = estimate.ess / CHECK_SAMPLES
     if math.isfinite(fraction) and fraction >= CHECK_ESS_FRACTION:
         return

@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 import torchsde
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ._validation import check_diffusion, check_noise_type, check_output, check_times, check_x0
 
@@ -162,6 +163,7 @@ def simulate(
     noise: Tensor | None = None,
     noise_type: str = "diagonal",
     noise_dim: int | None = None,
+    block_size: int | None = None,
 ) -> Tensor:
     """Simulate an Euler chain given by its coefficients ``step(k, x)`` with torchsde.
 
@@ -174,6 +176,9 @@ def simulate(
         ``(N,) + batch_shape + (M,)``.
     :param str noise_type: ``"diagonal"`` or ``"general"``.
     :param int noise_dim: ``M`` (general noise only; ``D`` by default).
+    :param int block_size: with gradients on, integrate in checkpointed blocks of this
+        many steps: the backward pass recomputes each block from its first state and
+        the fixed increments, so the memory for activations does not grow with ``N``.
     :returns: the states at ``times[1:]``, shape ``batch_shape + (N, D)``.
     :rtype: torch.Tensor
     """
@@ -188,8 +193,21 @@ def simulate(
     sde = _IndexTimeSDE(step, times, shape, noise_type)
     index_times = torch.arange(num_steps + 1, dtype=x0.dtype, device=x0.device)
     bm = GridBrownian(noise.reshape(num_steps, flat.shape[0], noise_dim))
-    ys = torchsde.sdeint(sde, flat, index_times, bm=bm, method="euler", dt=1.0)
-    return ys[1:].reshape((num_steps,) + shape).movedim(0, -2)
+    if block_size is None or block_size >= num_steps or not torch.is_grad_enabled():
+        ys = _integrate(sde, flat, index_times, bm)
+    else:
+        blocks, y = [], flat
+        for start in range(0, num_steps, block_size):
+            grid = index_times[start : start + block_size + 1]
+            blocks.append(checkpoint(_integrate, sde, y, grid, bm, use_reentrant=False))
+            y = blocks[-1][-1]
+        ys = torch.cat(blocks)
+    return ys.reshape((num_steps,) + shape).movedim(0, -2)
+
+
+def _integrate(sde: _IndexTimeSDE, y0: Tensor, index_times: Tensor, bm: GridBrownian) -> Tensor:
+    """torchsde's Euler solve on ``index_times``; the states after ``y0``."""
+    return torchsde.sdeint(sde, y0, index_times, bm=bm, method="euler", dt=1.0)[1:]
 
 
 def transition_log_prob(
