@@ -20,6 +20,7 @@ def load(name):
     [
         ("svi_step", ["--smoke"]),
         ("gpu_check", ["--device", "cpu", "--smoke"]),
+        ("memory", ["--smoke"]),
     ],
 )
 def test_benchmark_runs_with_smoke(name, argv):
