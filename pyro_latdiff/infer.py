@@ -252,7 +252,7 @@ def fit(
       ``CHECK_SAMPLES`` draws; an effective sample size below ``CHECK_ESS_FRACTION`` of
       them (the guide is far from the posterior, whose spread it then usually
       understates) is a :class:`~pyro_latdiff._warnings.GuideQualityWarning` that says
-      what to try.
+      what to try. Skipped for a model with a subsampled plate.
 
     :param int num_steps: total number of SVI steps (including those of a resumed run).
     :param callable model: Pyro model.
@@ -364,6 +364,13 @@ CHECK_ESS_FRACTION = 0.1
 
 
 def _check_fit(model, guide, args, kwargs) -> None:
+    guide_trace, _ = guide_and_model_traces(model, guide, args, kwargs)
+    if any(
+        frame.full_size is not None and frame.size != frame.full_size
+        for site in guide_trace.nodes.values()
+        for frame in site.get("cond_indep_stack", ())
+    ):
+        return  # a subsampled plate: importance weights of a minibatch say nothing
     try:
         estimate = log_evidence(
             model, guide, *args, num_samples=CHECK_SAMPLES, chunk_size=64, **kwargs
