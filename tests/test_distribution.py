@@ -259,3 +259,53 @@ def test_pyro_nuts_runs_on_a_drift_rate_with_a_heavy_tailed_prior():
     samples = mcmc.get_samples()
     assert samples["l"].shape == (20,) and torch.isfinite(samples["l"]).all()
     assert torch.isfinite(samples["path"]).all()
+
+
+@pytest.mark.parametrize("state_dependent", [False, True])
+def test_general_noise_log_prob_equals_a_multivariate_normal_chain(state_dependent):
+    """noise_type="general": sigma is (..., D, M); log_prob is the chain of
+    N(x + b h, sigma sigma^T h) transitions, written here with Pyro's MultivariateNormal."""
+    torch.manual_seed(0)
+    D, M = 3, 4
+    times = t64([0.0, 0.1, 0.3, 0.35, 0.7, 1.0])
+    G = torch.randn(D, M, dtype=DTYPE)
+    B = torch.randn(D, D, dtype=DTYPE)
+
+    def drift(t, x):
+        return x @ B.T * 0.3 - x.sin()
+
+    def diffusion(t, x):
+        return G * (1.5 + x.tanh().unsqueeze(-1)) if state_dependent else G
+
+    x0 = torch.randn(2, D, dtype=DTYPE)
+    fn = LatentDiffusion(drift, diffusion if state_dependent else G, x0, times,
+                         noise_type="general")  # fmt: skip
+    value = fn.sample((5,))
+    assert value.shape == (5, 2, 5, D)
+    expected = torch.zeros(5, 2, dtype=DTYPE)
+    previous = x0.expand(5, 2, D)
+    for k in range(5):
+        h = times[k + 1] - times[k]
+        sigma = diffusion(times[k], previous)
+        mvn = dist.MultivariateNormal(previous + drift(times[k], previous) * h,
+                                      covariance_matrix=sigma @ sigma.mT * h)  # fmt: skip
+        expected += mvn.log_prob(value[..., k, :])
+        previous = value[..., k, :]
+    assert torch.allclose(fn.log_prob(value), expected, atol=1e-10, rtol=0)
+
+
+def test_general_noise_errors_name_the_argument_and_the_step():
+    times = t64([0.0, 0.5, 1.0])
+    x0 = torch.zeros(2, dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"`diffusion` of shape \(\.\.\., 2, M\)"):
+        LatentDiffusion(lambda t, x: -x, torch.ones(3, 2, dtype=DTYPE), x0, times,
+                        noise_type="general")  # fmt: skip
+    with pytest.raises(ValueError, match=r"`diffusion\(times\[0\], x0\)`.*matrix"):
+        LatentDiffusion(lambda t, x: -x, lambda t, x: torch.ones_like(x), x0, times,
+                        noise_type="general")  # fmt: skip
+    with pytest.raises(ValueError, match=r"`noise_type`.*'diagonal' or 'general'"):
+        LatentDiffusion(lambda t, x: -x, 1.0, x0, times, noise_type="full")
+    singular = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=DTYPE)  # rank 1
+    fn = LatentDiffusion(lambda t, x: -x, singular, x0, times, noise_type="general")
+    with pytest.raises(ValueError, match=r"positive definite.*singular at step k = 0"):
+        fn.log_prob(torch.zeros(2, 2, dtype=DTYPE))
