@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from pyro.distributions import TorchDistribution, constraints
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 
@@ -51,7 +52,7 @@ from .drift import NeuralDrift
 from .filter import GuidedKernel
 from .sde import at_step
 
-__all__ = ["ChainParameters", "Control", "ControlledChain", "TargetGradient"]
+__all__ = ["ChainParameters", "Control", "ControlledChain", "PathDerivative", "TargetGradient"]
 
 
 class ChainParameters(PyroModule):
@@ -286,3 +287,35 @@ class ControlledChain(EulerChain):
         """Simulated states that left ``bounds`` in the last :meth:`rsample` (a tensor;
         reading it as a number synchronises)."""
         return self._clamped[0]
+
+
+class PathDerivative(TorchDistribution):
+    """Samples from ``fn``; scores with ``score_fn``, a copy whose guide parameters are
+    detached. Under Trace_ELBO this gives the path-derivative ("sticking the landing")
+    gradient (Roeder, Wu & Duvenaud 2017): the score term, whose variance does not
+    vanish at the optimum, is dropped; the value keeps its reparameterised gradient.
+    """
+
+    def __init__(self, fn: TorchDistribution, score_fn: TorchDistribution):
+        self.fn = fn
+        self.score_fn = score_fn
+        super().__init__(fn.batch_shape, fn.event_shape, validate_args=False)
+
+    has_rsample = True
+    arg_constraints: dict = {}
+
+    @constraints.dependent_property
+    def support(self):
+        return self.fn.support
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(PathDerivative, _instance)
+        fn, score_fn = self.fn.expand(batch_shape), self.score_fn.expand(batch_shape)
+        PathDerivative.__init__(new, fn, score_fn)
+        return new
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.fn.rsample(sample_shape)
+
+    def log_prob(self, value):
+        return self.score_fn.log_prob(value)

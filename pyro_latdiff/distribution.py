@@ -19,7 +19,7 @@ from ._validation import (
 )
 from .sde import NOISE_TYPES, Diffusion, at_step, constant_diffusion, simulate, transition_log_prob
 
-__all__ = ["ALL_STEPS", "EulerChain", "LatentDiffusion"]
+__all__ = ["ALL_STEPS", "EulerChain", "LatentDiffusion", "latent_diffusion_of"]
 
 #: The ``steps`` of :meth:`EulerChain.path_coefficients` that mean every step.
 ALL_STEPS = slice(None)
@@ -254,3 +254,10 @@ class LatentDiffusion(EulerChain):
     def diffusion_at(self, t: Tensor, x: Tensor) -> Tensor:
         """``sigma(t, x)`` whether ``diffusion`` is a constant or a callable."""
         return self._diffusion_fn(t, x)
+
+
+def latent_diffusion_of(fn) -> LatentDiffusion | None:
+    """The :class:`LatentDiffusion` under Pyro's wrappers (mask, independent, expand)."""
+    while fn is not None and not isinstance(fn, LatentDiffusion):
+        fn = getattr(fn, "base_dist", None)
+    return fn

@@ -31,53 +31,14 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from ._validation import check_ordered_pair, check_positive_int, check_signature, check_widths
-from .chain import ChainParameters, Control, ControlledChain, TargetGradient
-from .distribution import LatentDiffusion
+from .chain import ChainParameters, Control, ControlledChain, PathDerivative, TargetGradient
+from .distribution import LatentDiffusion, latent_diffusion_of
 from .filter import GuidedKernel, observation_terms
 
-__all__ = ["DiffusionGuide", "latent_diffusion_of"]
+__all__ = ["DiffusionGuide"]
 
 # Guides alive in this process, by parameter-name prefix (see DiffusionGuide's `name`).
 _LIVE_GUIDES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def latent_diffusion_of(fn) -> LatentDiffusion | None:
-    """The :class:`LatentDiffusion` under Pyro's wrappers (mask, independent, expand)."""
-    while fn is not None and not isinstance(fn, LatentDiffusion):
-        fn = getattr(fn, "base_dist", None)
-    return fn
-
-
-class _PathDerivative(TorchDistribution):
-    """Samples from ``fn``; scores with ``score_fn``, a copy whose guide parameters are
-    detached. Under Trace_ELBO this gives the path-derivative ("sticking the landing")
-    gradient (Roeder, Wu & Duvenaud 2017): the score term, whose variance does not
-    vanish at the optimum, is dropped; the value keeps its reparameterised gradient.
-    """
-
-    def __init__(self, fn: TorchDistribution, score_fn: TorchDistribution):
-        self.fn = fn
-        self.score_fn = score_fn
-        super().__init__(fn.batch_shape, fn.event_shape, validate_args=False)
-
-    has_rsample = True
-    arg_constraints: dict = {}
-
-    @constraints.dependent_property
-    def support(self):
-        return self.fn.support
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(_PathDerivative, _instance)
-        fn, score_fn = self.fn.expand(batch_shape), self.score_fn.expand(batch_shape)
-        _PathDerivative.__init__(new, fn, score_fn)
-        return new
-
-    def rsample(self, sample_shape=torch.Size()):
-        return self.fn.rsample(sample_shape)
-
-    def log_prob(self, value):
-        return self.score_fn.log_prob(value)
 
 
 class _ReferencePaths(Messenger):
@@ -464,7 +425,7 @@ class DiffusionGuide(AutoGuide):
 
         if not self.path_derivative:
             return make(loc, log_scale)
-        return _PathDerivative(make(loc, log_scale), make(loc.detach(), log_scale.detach()))
+        return PathDerivative(make(loc, log_scale), make(loc.detach(), log_scale.detach()))
 
     def _prepass(self, site: str, values: dict, args, kwargs):
         """Run the model with the guide's values so far (other latents, earlier paths)
@@ -566,7 +527,7 @@ class DiffusionGuide(AutoGuide):
             return chain, chain
         detached = self._control(parameters, True, prior.times, context)
         score = ControlledChain(prior, detached, kernel, self.state_bounds, self.block_size)
-        return _PathDerivative(chain, score), chain
+        return PathDerivative(chain, score), chain
 
     def _plate_stack(self, name: str, plates: dict) -> ExitStack:
         stack = ExitStack()

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._traces import SAMPLE_PLATE, resolve_max_plate_nesting, vectorize
 from ._validation import check_model_and_guide, check_positive_int, chunk_size_or_default
-from .guide import latent_diffusion_of
+from .distribution import latent_diffusion_of
 from .infer import effective_sample_size
 
 __all__ = [
