@@ -1,8 +1,16 @@
 """Score-based diffusion models as latent-diffusion models (Huang, Lim & Courville 2021).
 
-Forward (noising) processes with exact Gaussian kernels live in :mod:`.forward`.
+- :mod:`.forward`: forward (noising) processes with exact Gaussian kernels;
+- :mod:`.noising`: the forward chain from the data as a distribution (the guide's);
+- :mod:`.model`: the reverse-chain Pyro model, its guide, :class:`ScoreModel`;
+- :mod:`.network`: the default score network and the contract of a user's;
+- :mod:`.grid`: time grids for the reverse chain;
+- :mod:`.losses`: continuous-time ELBO and likelihood-weighted score matching;
+- :mod:`.likelihood`: the probability-flow ODE's exact log-likelihood;
+- :mod:`.evaluation`: ELBO, importance-weighted bound and ODE likelihood on held-out data.
 """
 
+from .evaluation import elbo_per_point, evaluate, importance_weighted_bound
 from .forward import (
     CriticallyDampedLangevin,
     ForwardProcess,
@@ -10,11 +18,33 @@ from .forward import (
     VarianceExploding,
     VariancePreserving,
 )
+from .grid import adapted_times
+from .likelihood import bits_per_dim, ode_log_likelihood
+from .losses import ContinuousTimeELBO, DenoisingScoreMatching
+from .model import ScoreModel, check_data, noising_guide, reverse_drift, score_model
+from .network import ScoreNetwork, check_score
+from .noising import ForwardNoising
 
 __all__ = [
+    "ContinuousTimeELBO",
     "CriticallyDampedLangevin",
+    "DenoisingScoreMatching",
+    "ForwardNoising",
     "ForwardProcess",
     "OrnsteinUhlenbeck",
+    "ScoreModel",
+    "ScoreNetwork",
     "VarianceExploding",
     "VariancePreserving",
+    "adapted_times",
+    "bits_per_dim",
+    "check_data",
+    "check_score",
+    "elbo_per_point",
+    "evaluate",
+    "importance_weighted_bound",
+    "noising_guide",
+    "ode_log_likelihood",
+    "reverse_drift",
+    "score_model",
 ]

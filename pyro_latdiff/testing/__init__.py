@@ -10,6 +10,7 @@ from .benes import (
     benes_transition_density,
 )
 from .linear import LinearSDE, ou_problem, ou_terminal_variance
+from .mixture import GaussianMixture
 from .ou import ou_drift, ou_expectation_cos, ou_terminal_moments
 from .score_references import (
     binary_denoiser,
@@ -29,6 +30,7 @@ from .score_references import (
 from .shared_rate import SharedRateOU
 
 __all__ = [
+    "GaussianMixture",
     "LinearSDE",
     "SharedRateOU",
     "benes_drift",
