@@ -29,8 +29,11 @@ processing inequality, with ``\hat s`` the model and the score frozen at the upp
   estimated by the model's own ``E|\hat s|^2``, so
   ``\hat\varepsilon_u^2 = 2 E[\hat s \cdot (\hat s + Z / \sigma_u)]`` (antithetic in
   ``Z``; zero in the mean for the exact score, ``2 |e|^2`` for a constant bias ``e``
-  whose true ``\varepsilon^2`` is ``|e|^2``: an estimate, not a bound). The rigorous
-  but loose upper bound (the loss itself) is reported as ``score_error_upper``.
+  whose true ``\varepsilon^2`` is ``|e|^2``; negative when the model's score is
+  smoother than the truth, ``E|\hat s|^2 < J``: an estimate, not a bound, clamped at 0
+  in ``bound``). The rigorous but loose upper bound (the loss itself, which keeps its
+  irreducible part ``d / \sigma_u^2 - J``) is reported as ``score_error_upper``, and
+  ``bound_upper`` uses it.
 
 :func:`denoiser_discretisation` evaluates Reeves & Pfister's term
 ``\Delta_n = \tfrac12 \sum_k [\delta_k M(t_{k-1}) - \int M]`` from a model's MMSE curve
@@ -89,6 +92,8 @@ class ChenBound:
     :param float score_error: estimated score-error integral.
     :param float score_error_upper: its upper bound from the denoising loss.
     :param float bound: ``forward + (sqrt(discretisation) + sqrt(score_error))^2``.
+    :param float bound_upper: the same with ``score_error_upper``: a bound whatever the
+        model, but loose (the denoising loss keeps its irreducible part).
     :param float tv: ``sqrt(bound / 2)`` (Pinsker).
     :param torch.Tensor times: the grid.
     :param torch.Tensor per_step: ``(N, 2)`` discretisation and score-error parts per step.
@@ -101,6 +106,7 @@ class ChenBound:
     score_error_se: float
     score_error_upper: float
     bound: float
+    bound_upper: float
     tv: float
     times: Tensor
     per_step: Tensor
@@ -113,6 +119,7 @@ class ChenBound:
             ("score error (upper, DSM loss)", self.score_error_upper, None),
             ("bound KL: fwd + (sqrt disc + sqrt score)^2", self.bound, None),
             ("bound TV = sqrt(KL / 2)", self.tv, None),
+            ("bound KL with the upper score error", self.bound_upper, None),
         ]
         lines = [
             f"Chen et al. (2023) bound, {self.times.shape[0] - 1} steps on "
@@ -217,14 +224,17 @@ def chen_bound(
     d_total, e_total = disc.sum(0), err.sum(0)
     discretisation, score_error = float(d_total.mean()), float(e_total.mean())
     bound = forward + (math.sqrt(discretisation) + math.sqrt(max(score_error, 0.0))) ** 2
+    score_error_upper = float(upper.sum())
+    bound_upper = forward + (math.sqrt(discretisation) + math.sqrt(score_error_upper)) ** 2
     return ChenBound(
         forward=forward,
         discretisation=discretisation,
         discretisation_se=float(d_total.std() / math.sqrt(num)),
         score_error=score_error,
         score_error_se=float(e_total.std() / math.sqrt(num)),
-        score_error_upper=float(upper.sum()),
+        score_error_upper=score_error_upper,
         bound=bound,
+        bound_upper=bound_upper,
         tv=math.sqrt(bound / 2),
         times=times,
         per_step=torch.stack([disc.mean(1), err.mean(1)], -1),
