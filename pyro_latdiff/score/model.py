@@ -275,7 +275,8 @@ class ScoreModel:
         :returns: ``(num_samples, D)``.
         """
         check_positive_int("num_samples", num_samples)
-        dtype = next(iter(self.score.parameters()), self.times).dtype
+        params = self.score.parameters() if isinstance(self.score, nn.Module) else iter(())
+        dtype = next(params, torch.empty(0)).dtype
         placeholder = torch.zeros(num_samples, self.state_dim, dtype=dtype)
         with pyro.poutine.block():
             trace = pyro.poutine.trace(pyro.poutine.uncondition(self.full_model)).get_trace(
