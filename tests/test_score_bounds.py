@@ -95,8 +95,9 @@ def test_chen_bound_mixture_measured_kl_below_bound(bias):
     assert (density.sum() * dx).item() == pytest.approx(1, abs=1e-6)
     log_q = _mixture_log_prob(grid)
     measured = ((log_q.exp() * (log_q - density.clamp(min=1e-300).log())).sum() * dx).item()
-    result = chen_bound(score, process, _mixture_sample(3000), 20)
+    result = chen_bound(score, process, _mixture_sample(3000), 20, true_score=exact)
     assert 0 < measured < result.bound
+    assert result.score_error_reference == pytest.approx(bias**2 * 4, rel=1e-6)
     if bias:
         assert result.score_error > 5 * result.score_error_se
         # a constant bias e: the estimate is 2 |e|^2 T = 0.72 (true integral 0.36)
