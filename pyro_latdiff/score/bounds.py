@@ -63,7 +63,7 @@ from .samplers._common import (
     horizon_of,
     make_times,
 )
-from .samplers.schedules import _at, _check_curve, _cumulative, equalised_times
+from .samplers.schedules import check_curve, cumulative_integral, curve_at, equalised_times
 
 __all__ = [
     "ChenBound",
@@ -311,7 +311,7 @@ class DenoiserBound:
 
 
 def _delta_terms(times: Tensor, curve_times, values, cumulative) -> Tensor:
-    m, c = _at(times, curve_times, values, cumulative)
+    m, c = curve_at(times, curve_times, values, cumulative)
     return 0.5 * (times.diff() * m[:-1] - c.diff())
 
 
@@ -330,7 +330,7 @@ def denoiser_discretisation(
     :type times: torch.Tensor or int
     :rtype: DenoiserBound
     """
-    curve_times, values = _check_curve(mmse_times, mmse_values)
+    curve_times, values = check_curve(mmse_times, mmse_values)
     t_max = float(curve_times[-1])
     if isinstance(times, int) and not isinstance(times, bool):
         check_positive_int("times", times)
@@ -350,7 +350,7 @@ def denoiser_discretisation(
             f"Expected `times` to increase strictly from 0 to t_max = {t_max}, actual "
             f"[{float(times[0])}, {float(times[-1])}]"
         )
-    cumulative = _cumulative(curve_times, values)
+    cumulative = cumulative_integral(curve_times, values)
     per_step = _delta_terms(times, curve_times, values, cumulative)
     n = times.shape[0] - 1
     equal = equalised_times(curve_times, values, n)

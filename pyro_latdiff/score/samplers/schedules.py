@@ -31,7 +31,7 @@ def uniform_times(
     return torch.linspace(t_min, horizon, num_steps + 1, dtype=dtype)
 
 
-def _check_curve(mmse_times, mmse_values) -> tuple[Tensor, Tensor]:
+def check_curve(mmse_times, mmse_values) -> tuple[Tensor, Tensor]:
     if not isinstance(mmse_times, Tensor) or mmse_times.dim() != 1 or mmse_times.shape[0] < 2:
         actual = shape_of(mmse_times) if isinstance(mmse_times, Tensor) else type(mmse_times)
         raise ValueError(f"Expected `mmse_times` to be a 1-D tensor of >= 2 times, actual {actual}")
@@ -51,13 +51,13 @@ def _check_curve(mmse_times, mmse_values) -> tuple[Tensor, Tensor]:
     return mmse_times.double(), mmse_values.double()
 
 
-def _cumulative(times: Tensor, values: Tensor) -> Tensor:
+def cumulative_integral(times: Tensor, values: Tensor) -> Tensor:
     """``\\int_0^{t_j}`` of the piecewise linear curve, at every grid point."""
     areas = 0.5 * (values[1:] + values[:-1]) * times.diff()
     return torch.cat([areas.new_zeros(1), areas.cumsum(0)])
 
 
-def _at(t: Tensor, times: Tensor, values: Tensor, cumulative: Tensor) -> tuple[Tensor, Tensor]:
+def curve_at(t: Tensor, times: Tensor, values: Tensor, cumulative: Tensor) -> tuple[Tensor, Tensor]:
     """The piecewise linear curve and its integral from 0, at ``t`` (any shape)."""
     j = torch.searchsorted(times, t.contiguous(), right=True).clamp(1, times.shape[0] - 1)
     t0, t1 = times[j - 1], times[j]
@@ -77,14 +77,14 @@ def immse_times(mmse_times: Tensor, mmse_values: Tensor, num_steps: int) -> Tens
     :returns: ``(n + 1,)`` float64 times from 0 to ``t_max``.
     """
     check_positive_int("num_steps", num_steps)
-    times, values = _check_curve(mmse_times, mmse_values)
-    cumulative = _cumulative(times, values)
+    times, values = check_curve(mmse_times, mmse_values)
+    cumulative = cumulative_integral(times, values)
     levels = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64) * cumulative[-1]
     # invert the increasing cumulative integral by bisection, all levels at once
     lo, hi = torch.zeros_like(levels), torch.full_like(levels, float(times[-1]))
     for _ in range(80):
         mid = 0.5 * (lo + hi)
-        below = _at(mid, times, values, cumulative)[1] < levels
+        below = curve_at(mid, times, values, cumulative)[1] < levels
         lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
     out = 0.5 * (lo + hi)
     out[0], out[-1] = 0.0, times[-1]
@@ -98,11 +98,11 @@ def _march(eps: Tensor, num_steps: int, times, values, cumulative) -> Tensor:
     grid = [t]
     t_max = float(times[-1])
     for _ in range(num_steps):
-        m_t, c_t = _at(t, times, values, cumulative)
+        m_t, c_t = curve_at(t, times, values, cumulative)
         lo, hi = t, torch.full_like(t, t_max)
         for _ in range(50):
             mid = 0.5 * (lo + hi)
-            err = (mid - t) * m_t - (_at(mid, times, values, cumulative)[1] - c_t)
+            err = (mid - t) * m_t - (curve_at(mid, times, values, cumulative)[1] - c_t)
             below = err < eps
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
         t = 0.5 * (lo + hi)
@@ -124,8 +124,8 @@ def equalised_times(mmse_times: Tensor, mmse_values: Tensor, num_steps: int) -> 
     :returns: ``(n + 1,)`` float64 times from 0 to ``t_max``.
     """
     check_positive_int("num_steps", num_steps)
-    times, values = _check_curve(mmse_times, mmse_values)
-    cumulative = _cumulative(times, values)
+    times, values = check_curve(mmse_times, mmse_values)
+    cumulative = cumulative_integral(times, values)
     t_max = float(times[-1])
     # the end point of n equal-term steps grows with the term: bracket it on a batch of
     # candidates, refined a few times
