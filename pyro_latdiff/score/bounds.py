@@ -131,6 +131,8 @@ class ChenBound:
             f"{'term':<44}{'value':>12}{'std err':>12}",
         ]
         for name, value, se in rows:
+            if math.isnan(value):  # no true score given
+                continue
             se_text = f"{se:>12.3g}" if se is not None else f"{'':>12}"
             lines.append(f"{name:<44}{value:>12.4g}{se_text}")
         return "\n".join(lines)
@@ -171,7 +173,13 @@ def chen_bound(
 
     Example::
 
-        result = chen_bound(model.score, OrnsteinUhlenbeck(4.0), held_out, 40)
+        from pyro_latdiff.score import OrnsteinUhlenbeck
+        from pyro_latdiff.testing import GaussianMixture
+
+        process = OrnsteinUhlenbeck(4.0)
+        data = GaussianMixture(torch.tensor([[-1.0, 0.0], [1.0, 0.5]]), 0.4)
+        held_out = data.sample(1000)
+        result = chen_bound(data.score(process), process, held_out, 40)  # or a trained net
         print(result)          # a table of the terms
         result.bound           # nats
 

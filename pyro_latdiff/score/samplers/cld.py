@@ -83,7 +83,11 @@ def cld_sampler(
 
     Example::
 
+        from pyro_latdiff.score import CriticallyDampedLangevin
+        from pyro_latdiff.testing import gaussian_cld_velocity_score
+
         cld = CriticallyDampedLangevin(horizon=5.0)
+        score = gaussian_cld_velocity_score(cld, torch.ones(2), torch.full((2,), 0.5))
         result = cld_sampler(score, cld, 1000, 50, state_dim=2)  # positions (1000, 2)
 
     :param callable score: ``score(t, z)``, ``z = concat(x, v)`` of shape

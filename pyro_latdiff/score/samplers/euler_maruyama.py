@@ -47,6 +47,12 @@ def reverse_sde_euler(
 
     Example::
 
+        from pyro_latdiff.score import OrnsteinUhlenbeck
+        from pyro_latdiff.testing import GaussianMixture
+
+        process = OrnsteinUhlenbeck(4.0)
+        data = GaussianMixture(torch.tensor([[-1.0, 0.0], [1.0, 0.5]]), 0.4)
+        score = data.score(process)  # or a trained score network
         result = reverse_sde_euler(score, process, 1000, 100, state_dim=2)
         result.samples.shape  # (1000, 2)
 

@@ -54,6 +54,12 @@ def exponential_integrator(
 
     Example::
 
+        from pyro_latdiff.score import OrnsteinUhlenbeck
+        from pyro_latdiff.testing import GaussianMixture
+
+        process = OrnsteinUhlenbeck(4.0)
+        data = GaussianMixture(torch.tensor([[-1.0, 0.0], [1.0, 0.5]]), 0.4)
+        score = data.score(process)  # or a trained score network
         result = exponential_integrator(score, process, 1000, 40, state_dim=2)
 
     :param callable score: ``score(t, x)``, ``t`` a 0-d tensor, ``x`` of shape

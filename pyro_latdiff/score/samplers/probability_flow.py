@@ -56,6 +56,12 @@ def probability_flow_ode(
 
     Example::
 
+        from pyro_latdiff.score import OrnsteinUhlenbeck
+        from pyro_latdiff.testing import GaussianMixture
+
+        process = OrnsteinUhlenbeck(4.0)
+        data = GaussianMixture(torch.tensor([[-1.0, 0.0], [1.0, 0.5]]), 0.4)
+        score = data.score(process)  # or a trained score network
         result = probability_flow_ode(score, process, 1000, 50, state_dim=2, method="rk4")
 
     :param callable score: ``score(t, x)``, ``t`` a 0-d tensor, ``x`` of shape
