@@ -26,7 +26,6 @@ from torch import Tensor
 from .._validation import check_positive_int
 from ..infer import log_evidence
 from .likelihood import bits_per_dim, ode_log_likelihood
-from .model import check_data
 
 __all__ = ["elbo_per_point", "evaluate", "importance_weighted_bound"]
 
@@ -35,7 +34,7 @@ __all__ = ["elbo_per_point", "evaluate", "importance_weighted_bound"]
 def log_weights(score_model, data: Tensor, num_particles: int, chunk_size: int = 512) -> Tensor:
     """``log p(x, y) - log q(y | x)`` for ``num_particles`` guide draws ``y`` per point,
     shape ``(num_particles, num_data)``."""
-    check_data(data, score_model.state_dim)
+    score_model.check_data(data)
     check_positive_int("num_particles", num_particles)
     check_positive_int("chunk_size", chunk_size)
     rows = data.repeat(num_particles, 1)
@@ -65,7 +64,7 @@ def elbo_per_point(score_model, data: Tensor, num_particles: int = 1) -> Tensor:
 def importance_weighted_bound(score_model, data: Tensor, num_samples: int = 64) -> Tensor:
     """:func:`pyro_latdiff.log_evidence` of each point separately, with the forward
     noising chain as proposal; shape ``(num_data,)``, nats."""
-    check_data(data, score_model.state_dim)
+    score_model.check_data(data)
     check_positive_int("num_samples", num_samples)
     values = [
         log_evidence(
@@ -104,7 +103,7 @@ def evaluate(
     :param bool ode: also solve the probability-flow ODE.
     :param dict ode_kwargs: keyword arguments of :func:`ode_log_likelihood`.
     """
-    check_data(data, score_model.state_dim)
+    score_model.check_data(data)
     d = score_model.state_dim
     result = _summary(elbo_per_point(score_model, data, num_particles), d, "elbo")
     result |= _summary(importance_weighted_bound(score_model, data, num_samples), d, "iw_bound")

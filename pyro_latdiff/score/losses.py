@@ -161,7 +161,10 @@ class _ContinuousLoss(ELBO):
     def differentiable_loss(self, model, guide, data: Tensor, *args, **kwargs) -> Tensor:
         """The loss on a minibatch of ``data``, differentiable in the score network's
         parameters. ``model`` and ``guide`` are accepted for SVI's interface and not run."""
-        check_data(data, self.score_model.state_dim)
+        if hasattr(self.score_model, "check_data"):
+            self.score_model.check_data(data)
+        else:
+            check_data(data, self.score_model.state_dim)
         if isinstance(self.score_model.score, nn.Module):
             pyro.module("score", self.score_model.score)
         batch, scale = self._minibatch(data)

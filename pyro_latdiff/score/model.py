@@ -239,30 +239,41 @@ class ScoreModel:
     def num_steps(self) -> int:
         return self.times.shape[0] - 1
 
+    def check_data(self, data) -> None:
+        """:func:`check_data`, and ``data`` has the score network's dtype."""
+        check_data(data, self.state_dim)
+        if isinstance(self.score, nn.Module):
+            param = next(self.score.parameters(), None)
+            if param is not None and param.dtype != data.dtype:
+                raise ValueError(
+                    f"Expected `data` of dtype {param.dtype} (the score network's), actual "
+                    f"{data.dtype}"
+                )
+
     def _times_like(self, data: Tensor) -> Tensor:
         return self.times.to(dtype=data.dtype, device=data.device)
 
     def model(self, data: Tensor) -> Tensor:
         """:func:`score_model` on ``data`` with this model's process, score, grid and
         minibatch size."""
-        check_data(data, self.state_dim)
+        self.check_data(data)
         return score_model(
             data, self.process, self.score, self._times_like(data), self.subsample_size
         )
 
     def guide(self, data: Tensor) -> Tensor:
         """:func:`noising_guide` on ``data``."""
-        check_data(data, self.state_dim)
+        self.check_data(data)
         return noising_guide(data, self.process, self._times_like(data), self.subsample_size)
 
     def full_model(self, data: Tensor) -> Tensor:
         """:meth:`model` on all of ``data`` at once (no subsampling), for evaluation."""
-        check_data(data, self.state_dim)
+        self.check_data(data)
         return score_model(data, self.process, self.score, self._times_like(data))
 
     def full_guide(self, data: Tensor) -> Tensor:
         """:meth:`guide` on all of ``data`` at once (no subsampling)."""
-        check_data(data, self.state_dim)
+        self.check_data(data)
         return noising_guide(data, self.process, self._times_like(data))
 
     @torch.no_grad()

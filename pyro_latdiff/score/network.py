@@ -79,7 +79,8 @@ class ScoreNetwork(nn.Module):
 
 def check_score(score, state_dim: int, horizon: float, name: str = "score") -> None:
     """Probe ``score(t, x)`` once, torchsde style: a callable returning a finite tensor of
-    ``x``'s shape for ``t`` 0-d and for ``t`` of shape ``(N, 1, 1)``.
+    ``x``'s shape for ``t`` 0-d, of shape ``(N, 1, 1)`` against ``x`` of shape
+    ``(N, B, D)``, and of shape ``(B, 1)`` (one time per point) against ``(B, D)``.
 
     :raises TypeError: if ``score`` is not callable or returns no tensor.
     :raises ValueError: "Expected `score(t, x)` ..., actual ..." on a wrong shape or a
@@ -98,11 +99,21 @@ def check_score(score, state_dim: int, horizon: float, name: str = "score") -> N
         device = None
     t = torch.tensor(0.5 * horizon, dtype=dtype, device=device)
     x = torch.linspace(-1, 1, 3 * state_dim, dtype=dtype, device=device).reshape(3, state_dim)
-    probes = [(t, x), (t.reshape(1, 1, 1).expand(2, 1, 1), x.expand(2, 3, state_dim))]
+    probes = [
+        (t, x),  # one time for all points (simulation)
+        (t.reshape(1, 1, 1).expand(2, 1, 1), x.expand(2, 3, state_dim)),  # log_prob's layout
+        (t.expand(3, 1), x),  # one time per point (the continuous-time losses)
+    ]
     for tt, xx in probes:
-        with torch.no_grad():
-            out = score(tt, xx)
         what = f"`{name}(t, x)` with t of shape {shape_of(tt)}"
+        try:
+            with torch.no_grad():
+                out = score(tt, xx)
+        except Exception as error:  # the user's module: say which layout it failed on
+            raise ValueError(
+                f"Expected {what} and x of shape {shape_of(xx)} to run, actual "
+                f"{type(error).__name__}: {error}"
+            ) from error
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"Expected {what} to return a torch.Tensor, actual {type(out).__name__}"
