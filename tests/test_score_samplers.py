@@ -16,6 +16,7 @@ from pyro_latdiff.score import (
 )
 from pyro_latdiff.score.samplers import (
     GaussianChannel,
+    ScoreDenoiser,
     cld_sampler,
     denoiser_sampler,
     equalised_times,
@@ -258,6 +259,28 @@ def test_binary_denoiser_sampler_runs_both_variants():
         assert (result.samples.abs() > 0.5).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("process_name", ["ou", "vp-linear"])
+def test_score_denoiser_is_the_conditional_mean(process_name):
+    """Tweedie on the channel: from the exact score of Gaussian data, the exact
+    E[X | Y_t = y] wherever the process reaches the channel time; it drives the
+    covariance-matched sampler, which is then exact."""
+    process = PROCESSES[process_name][0]()
+    mean, var = _data()
+    denoiser = ScoreDenoiser(gaussian_score(process, mean, var), process, t_min=1e-3)
+    reference = gaussian_denoiser(mean, var)
+    a, std = process.marginal_coefs(torch.tensor([process.horizon, 1e-3]))
+    low, high = (a / std).square().tolist()
+    assert denoiser.channel.horizon == pytest.approx(high)
+    y = torch.randn(7, 3)
+    for t in torch.logspace(math.log10(low), math.log10(high), 9):
+        assert torch.allclose(denoiser(t, y), reference(t, y), atol=1e-5)
+    result = denoiser_sampler(
+        denoiser, GaussianChannel(4.0), NUM, 8, state_dim=3, covariance="jacobian"
+    )
+    loc, cov = gaussian_denoiser_law(mean, var, result.times, covariance_matched=True)
+    assert max(_z_scores(result.samples, loc, cov)) < Z_MAX
+
+
 # --- schedules ----------------------------------------------------------------------------
 
 
@@ -339,6 +362,7 @@ BAD = [
         lambda: denoiser_sampler(_score, GaussianChannel(1.0), 8, 3, state_dim=2, output="x"),
     ),
     ("horizon", lambda: GaussianChannel(-1.0)),
+    ("t_min", lambda: ScoreDenoiser(_score, _ou(), t_min=0.0)),
     ("num_steps", lambda: equalised_times(torch.linspace(0, 1, 5), torch.ones(5), 0)),
     ("mmse_values", lambda: equalised_times(torch.linspace(0, 1, 5), torch.ones(4), 3)),
     ("mmse_times", lambda: immse_times(torch.linspace(1, 2, 5), torch.ones(5), 3)),

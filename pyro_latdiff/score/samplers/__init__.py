@@ -4,7 +4,7 @@ schedule=...)`` and returns a :class:`SampleResult`."""
 
 from ._common import SampleResult
 from .cld import cld_sampler
-from .denoiser import GaussianChannel, denoiser_sampler
+from .denoiser import GaussianChannel, ScoreDenoiser, denoiser_sampler
 from .euler_maruyama import reverse_sde_euler
 from .exponential import exponential_integrator
 from .probability_flow import probability_flow_ode
@@ -13,6 +13,7 @@ from .schedules import equalised_times, immse_times, uniform_times
 __all__ = [
     "GaussianChannel",
     "SampleResult",
+    "ScoreDenoiser",
     "cld_sampler",
     "denoiser_sampler",
     "equalised_times",

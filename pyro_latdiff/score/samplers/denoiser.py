@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -30,6 +31,63 @@ class GaussianChannel:
 
     def __repr__(self) -> str:
         return f"GaussianChannel(horizon={self.horizon})"
+
+
+class ScoreDenoiser:
+    r"""The conditional mean ``E[X | Y_t = y]`` on the channel ``Y_t = t X + W_t`` from
+    the score of a scalar-linear forward process (Tweedie), so that a trained score
+    model drives :func:`denoiser_sampler`.
+
+    ``X_\tau = a X + \sigma N`` and ``Y_t / \sqrt t = \sqrt t X + N`` are the same
+    channel when ``t = a^2 / \sigma^2`` (the signal-to-noise ratio at ``\tau``), with
+    ``X_\tau = \sigma^2 Y_t / a``; then ``E[X | Y_t = y] = (x + \sigma^2 s(\tau, x)) / a``
+    at ``x = \sigma^2 y / a``. Channel times below the ratio at the horizon use the
+    horizon; the channel ends at the ratio at ``t_min`` (``channel``). ``\tau`` is found
+    by interpolation in log-ratio on a tabulated grid, with tensor operations only.
+
+    :param callable score: ``score(tau, x)`` of ``process``.
+    :param process: scalar-linear forward process (``marginal_coefs``, ``horizon``).
+    :param float t_min: the smallest process time used (the score's truncation).
+    :param int num_grid: size of the table of process times.
+    """
+
+    def __init__(self, score, process, t_min: float = 1e-3, num_grid: int = 4096):
+        check_positive_int("num_grid", num_grid, minimum=2)
+        horizon = float(process.horizon)
+        if (
+            isinstance(t_min, bool)
+            or not isinstance(t_min, (int, float))
+            or not (0 < t_min < horizon)
+        ):
+            raise ValueError(f"Expected `t_min` in (0, horizon = {horizon}), actual {t_min!r}")
+        self.score = score
+        self.process = process
+        tau = torch.logspace(math.log10(t_min), math.log10(horizon), num_grid, dtype=torch.float64)
+        a, std = (torch.as_tensor(c, dtype=torch.float64) for c in process.marginal_coefs(tau))
+        log_snr = 2 * (a.log() - std.log())
+        if not (log_snr.diff() < 0).all():
+            raise ValueError(
+                "Expected `process` to have a signal-to-noise ratio a^2 / std^2 decreasing "
+                "in time, actual not monotone"
+            )
+        # increasing log-ratio against log-time, for searchsorted
+        self._log_snr = log_snr.flip(0)
+        self._log_tau = tau.log().flip(0)
+        self.channel = GaussianChannel(float(log_snr[0].exp()))
+
+    def process_time(self, t: Tensor) -> Tensor:
+        """The process time whose signal-to-noise ratio is the channel time ``t``."""
+        log_snr, log_tau = self._log_snr.to(t), self._log_tau.to(t)
+        x = t.clamp(min=float(log_snr[0].exp())).log().clamp(max=log_snr[-1])
+        j = torch.searchsorted(log_snr, x.reshape(1)).clamp(1, log_snr.shape[0] - 1)[0]
+        w = (x - log_snr[j - 1]) / (log_snr[j] - log_snr[j - 1])
+        return (log_tau[j - 1] + w * (log_tau[j] - log_tau[j - 1])).exp()
+
+    def __call__(self, t: Tensor, y: Tensor) -> Tensor:
+        tau = self.process_time(torch.as_tensor(t, dtype=y.dtype))
+        a, std = (torch.as_tensor(c, dtype=y.dtype) for c in self.process.marginal_coefs(tau))
+        x = std**2 * y / a
+        return (x + std**2 * self.score(tau, x)) / a
 
 
 def _matched_noise(delta: Tensor, cov: Tensor, z: Tensor) -> Tensor:
