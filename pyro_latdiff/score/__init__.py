@@ -30,6 +30,7 @@ from .noising import ForwardNoising
 from .samplers import (
     GaussianChannel,
     SampleResult,
+    ScoreDenoiser,
     cld_sampler,
     denoiser_sampler,
     equalised_times,
@@ -51,6 +52,7 @@ __all__ = [
     "GaussianChannel",
     "OrnsteinUhlenbeck",
     "SampleResult",
+    "ScoreDenoiser",
     "ScoreModel",
     "ScoreNetwork",
     "VarianceExploding",
