@@ -20,7 +20,12 @@ Problems (exact score or conditional mean throughout, float64):
    :class:`~pyro_latdiff.score.ScoreModel` trained here by likelihood-weighted denoising
    score matching as the example does, shorter (``--train-steps``, width 64); early
    stopping at ``t = 1e-3``. Table 4: the terms of Chen et al.'s bound
-   (:func:`~pyro_latdiff.score.bounds.chen_bound`) for both.
+   (:func:`~pyro_latdiff.score.bounds.chen_bound`) for both. Table 5: Reeves & Pfister's
+   sampler on the same problem, driven by the same scores through
+   :class:`~pyro_latdiff.score.samplers.ScoreDenoiser` (channel up to the
+   signal-to-noise ratio at ``t = 1e-3``), on a uniform grid and on the grid that
+   equalises ``Delta_n`` of each model's own held-out MMSE curve; Table 6: that
+   ``Delta_n``.
 
 Usage::
 
@@ -37,8 +42,10 @@ import os
 import torch
 
 from pyro_latdiff.score import CriticallyDampedLangevin, OrnsteinUhlenbeck
-from pyro_latdiff.score.bounds import chen_bound, denoiser_discretisation
+from pyro_latdiff.score.bounds import chen_bound, denoiser_discretisation, mmse_curve
 from pyro_latdiff.score.samplers import (
+    ScoreDenoiser,
+    denoiser_sampler,
     equalised_times,
     exponential_integrator,
     probability_flow_ode,
@@ -173,7 +180,43 @@ def mixture_rows(steps, num_samples, train_steps):
                     score, process, held_out, n, t_min=T_MIN, true_score=scores["exact"]
                 )
                 bounds.append((score_name, n, bound))
-    return rows, floor, bounds
+    return rows, floor, bounds, scores, q, process
+
+
+def denoiser_rows(q, process, scores, steps, num_samples):
+    """Problem 3 with Reeves & Pfister's sampler, driven through
+    :class:`~pyro_latdiff.score.samplers.ScoreDenoiser` by the same scores: uniform and
+    equalised grids, the latter from each model's own held-out MMSE curve, whose
+    ``Delta_n`` (:func:`~pyro_latdiff.score.bounds.denoiser_discretisation`) is the
+    predicted path KL of the plain sampler."""
+    rows, deltas = [], []
+    for score_name, score in scores.items():
+        denoiser = ScoreDenoiser(score, process, t_min=T_MIN)
+        horizon = denoiser.channel.horizon
+        curve_times = torch.cat([torch.zeros(1), torch.logspace(-4, math.log10(horizon), 400)])
+        curve = mmse_curve(denoiser, q.sample(min(num_samples, 1000)), curve_times)
+        for n in steps:
+            truth = q.sample(num_samples)
+            diagnostic = denoiser_discretisation(curve_times, curve, n)
+            deltas.append((score_name, n, diagnostic.delta, diagnostic.equalised_delta))
+            grids = {"uniform": "uniform", "equalised": diagnostic.equalised_times}
+            for label, covariance, grid in (
+                ("plain-uniform", None, "uniform"),
+                ("plain-equalised", None, "equalised"),
+                ("matched-equalised", "jacobian", "equalised"),
+            ):
+                result = denoiser_sampler(
+                    denoiser,
+                    denoiser.channel,
+                    num_samples,
+                    n,
+                    state_dim=2,
+                    schedule=grids[grid],
+                    covariance=covariance,
+                )
+                value = mmd(result.samples.detach(), truth)
+                rows.append((f"{label} ({score_name})", n, result.num_evaluations, value))
+    return rows, deltas
 
 
 def print_table(title, rows, value_name):
@@ -231,7 +274,7 @@ def main(args):
     )
     binary = binary_rows(binary_steps)
     print_table("Table 2. X uniform on {+-1}, t_max = 4: exact path KL", binary, "path KL")
-    mix, floor, bounds = mixture_rows(steps, num_samples, train_steps)
+    mix, floor, bounds, scores, q, process = mixture_rows(steps, num_samples, train_steps)
     print_table(
         f"Table 3. 2-D ring mixture, OU T = 3, {num_samples} samples: MMD^2 to true samples "
         f"(noise floor {floor:.2g})",
@@ -252,11 +295,26 @@ def main(args):
             f"{b.bound:.3g} | {b.tv:.3g} | {b.bound_upper:.3g} |"
         )
     print()
+    denoised, deltas = denoiser_rows(q, process, scores, steps, num_samples)
+    print_table(
+        "Table 5. The ring mixture with Reeves & Pfister's sampler (ScoreDenoiser, channel "
+        f"to snr {float(ScoreDenoiser(scores['exact'], process, T_MIN).channel.horizon):.0f}): "
+        "MMD^2 to true samples",
+        denoised,
+        "MMD^2",
+    )
+    print("Table 6. Delta_n from each model's held-out MMSE curve (predicted path KL)")
+    print("| score | steps | Delta_n uniform | Delta_n equalised |")
+    print("|---|---|---|---|")
+    for score_name, n, uniform, equal in deltas:
+        print(f"| {score_name} | {n} | {uniform:.3g} | {equal:.3g} |")
+    print()
     path = plot(
         [
             ("Gaussian d=10, OU T=4", "KL(data || sampler)", gaussian, None),
             ("X = +-1, t_max = 4 (denoiser sampler)", "path KL", binary, None),
             ("2-D ring mixture, OU T=3", "MMD^2 to data", mix, floor),
+            ("ring mixture, denoiser sampler", "MMD^2 to data", denoised, floor),
         ],
         args.outdir,
     )
@@ -267,6 +325,8 @@ def main(args):
         "mixture": mix,
         "floor": floor,
         "bounds": bounds,
+        "denoiser": denoised,
+        "deltas": deltas,
     }
 
 

@@ -21,7 +21,7 @@ def test_smoke_run(tmp_path, capsys):
     bench = _load()
     results = bench.main(bench.parse_args(["--smoke", "--outdir", str(tmp_path)]))
     out = capsys.readouterr().out
-    assert all(f"Table {i}." in out for i in (1, 2, 3, 4))
+    assert all(f"Table {i}." in out for i in (1, 2, 3, 4, 5, 6))
     assert (tmp_path / "score_samplers.png").stat().st_size > 0
     binary = {(name, n): kl for name, n, _, kl in results["binary"]}
     assert binary[("plain-uniform", 4)] == pytest.approx(0.269748, abs=1e-6)
@@ -33,3 +33,5 @@ def test_smoke_run(tmp_path, capsys):
         assert gaussian[(name, 20)] < gaussian[(name, 5)]
     for _, _, bound in results["bounds"]:
         assert bound.bound > 0
+    for _, _, uniform, equalised in results["deltas"]:
+        assert 0 < equalised < uniform
