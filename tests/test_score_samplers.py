@@ -391,3 +391,14 @@ def test_all_names_resolve_and_are_sorted(module_name):
     assert list(module.__all__) == sorted(module.__all__)
     for name in module.__all__:
         assert getattr(module, name) is not None
+
+
+def test_equalised_times_from_a_noisy_curve():
+    """A model's Monte Carlo MMSE curve wiggles: the grid still increases strictly and
+    ends at t_max, for many steps."""
+    grid = torch.cat([torch.zeros(1), torch.logspace(-3, math.log10(500.0), 300)])
+    noisy = 2 / (1 + grid) * (1 + 0.05 * torch.randn(grid.shape))
+    for n in (5, 80, 200):
+        times = equalised_times(grid, noisy, n)
+        assert times.shape == (n + 1,) and (times.diff() > 0).all()
+        assert times[0] == 0 and times[-1] == grid[-1]

@@ -32,6 +32,9 @@ def uniform_times(
 
 
 def check_curve(mmse_times, mmse_values) -> tuple[Tensor, Tensor]:
+    """The curve in float64, made nonincreasing by its running minimum: the MMSE is, and a
+    model's Monte Carlo estimate may wiggle, which would make the step terms
+    non-monotone in the step length."""
     if not isinstance(mmse_times, Tensor) or mmse_times.dim() != 1 or mmse_times.shape[0] < 2:
         actual = shape_of(mmse_times) if isinstance(mmse_times, Tensor) else type(mmse_times)
         raise ValueError(f"Expected `mmse_times` to be a 1-D tensor of >= 2 times, actual {actual}")
@@ -48,7 +51,7 @@ def check_curve(mmse_times, mmse_values) -> tuple[Tensor, Tensor]:
         )
     if not (torch.isfinite(mmse_values).all() and (mmse_values >= 0).all()):
         raise ValueError("Expected `mmse_values` to be finite and >= 0, actual NaN or < 0")
-    return mmse_times.double(), mmse_values.double()
+    return mmse_times.double(), mmse_values.double().cummin(0).values
 
 
 def cumulative_integral(times: Tensor, values: Tensor) -> Tensor:
@@ -114,7 +117,8 @@ def equalised_times(mmse_times: Tensor, mmse_values: Tensor, num_steps: int) -> 
     r"""The grid whose steps all carry the same discretisation term
     ``e_k = \delta_k M(t_{k-1}) - \int_{t_{k-1}}^{t_k} M`` of Reeves & Pfister's
     identity, for an MMSE curve ``M`` (exact, or a model's held-out curve from
-    :func:`~pyro_latdiff.score.bounds.mmse_curve`), piecewise linear between its points.
+    :func:`~pyro_latdiff.score.bounds.mmse_curve`), piecewise linear between its points
+    and made nonincreasing by its running minimum.
 
     **References:** G. Reeves, H. D. Pfister, *Discrete-time diffusion sampling*, 2025.
 
@@ -135,7 +139,9 @@ def equalised_times(mmse_times: Tensor, mmse_values: Tensor, num_steps: int) -> 
         ends = _march(candidates, num_steps, times, values, cumulative)[-1]
         j = int((ends < t_max * (1 - 1e-9)).sum().clamp(1, 32))
         lo, hi = float(candidates[j - 1]), float(candidates[j])
-    grid = _march(torch.tensor([hi], dtype=torch.float64), num_steps, times, values, cumulative)
+    # the lower end of the bracket stops just short of t_max, so no step is empty; its
+    # last point moves to t_max
+    grid = _march(torch.tensor([lo], dtype=torch.float64), num_steps, times, values, cumulative)
     grid = grid[:, 0]
     grid[-1] = t_max
     return grid
