@@ -13,6 +13,21 @@ from .grid import euler_grid_density
 from .linear import LinearSDE, ou_problem, ou_terminal_variance
 from .mixture import GaussianMixture
 from .ou import ou_drift, ou_expectation_cos, ou_terminal_moments
+from .score_references import (
+    binary_denoiser,
+    binary_mmse,
+    binary_mutual_information,
+    binary_path_kl,
+    exponential_integrator_density_1d,
+    gaussian_cld_law,
+    gaussian_cld_velocity_score,
+    gaussian_denoiser,
+    gaussian_denoiser_law,
+    gaussian_kl,
+    gaussian_marginal,
+    gaussian_sampler_law,
+    gaussian_score,
+)
 from .shared_rate import SharedRateOU
 from .state_space import (
     EulerMaruyamaExample,
@@ -38,7 +53,20 @@ __all__ = [
     "benes_terminal_distribution",
     "benes_terminal_moments",
     "benes_transition_density",
+    "binary_denoiser",
+    "binary_mmse",
+    "binary_mutual_information",
+    "binary_path_kl",
     "euler_grid_density",
+    "exponential_integrator_density_1d",
+    "gaussian_cld_law",
+    "gaussian_cld_velocity_score",
+    "gaussian_denoiser",
+    "gaussian_denoiser_law",
+    "gaussian_kl",
+    "gaussian_marginal",
+    "gaussian_sampler_law",
+    "gaussian_score",
     "ou_drift",
     "ou_expectation_cos",
     "ou_problem",
