@@ -12,9 +12,24 @@ from .benes import (
 from .linear import LinearSDE, ou_problem, ou_terminal_variance
 from .ou import ou_drift, ou_expectation_cos, ou_terminal_moments
 from .shared_rate import SharedRateOU
+from .targets import (
+    FunnelTarget,
+    GaussianMixtureTarget,
+    GaussianTarget,
+    ManyWellTarget,
+    gmm9,
+    gmm25,
+    gmm40,
+    mode_coverage,
+    mode_masses,
+)
 
 __all__ = [
+    "FunnelTarget",
+    "GaussianMixtureTarget",
+    "GaussianTarget",
     "LinearSDE",
+    "ManyWellTarget",
     "SharedRateOU",
     "benes_drift",
     "benes_expectation",
@@ -23,6 +38,11 @@ __all__ = [
     "benes_terminal_distribution",
     "benes_terminal_moments",
     "benes_transition_density",
+    "gmm25",
+    "gmm40",
+    "gmm9",
+    "mode_coverage",
+    "mode_masses",
     "ou_drift",
     "ou_expectation_cos",
     "ou_problem",
