@@ -89,8 +89,11 @@ class FollmerSampler:
     :param float sigma: the Brownian reference's noise scale (reference
         :math:`\mathcal N(0, \sigma^2 I)` at time 1): about the target's spread.
     :param str control: ``"target_aware"`` or ``"network"`` (the guide's network only).
-    :param base_drift: ``None`` or ``"monte_carlo"``.
+    :param base_drift: ``None``, ``"monte_carlo"`` or a callable ``drift(t, x)`` (e.g.
+        an exact Föllmer drift).
     :param int num_inner: inner samples of the Monte Carlo base drift.
+    :param str estimator: its estimator, ``"stein"`` (default: no second derivatives
+        of the target in the ELBO gradient) or ``"gradient"``.
     :param str loss: ``"kl"`` or ``"log_variance"``.
     :param float noise_scale: the log-variance loss's proposal noise scale.
     :param float clip: clip of :math:`\nabla \log \pi` in the target-aware term.
@@ -114,6 +117,7 @@ class FollmerSampler:
         control: str = "target_aware",
         base_drift: str | None = None,
         num_inner: int = 16,
+        estimator: str = "stein",
         loss: str = "kl",
         noise_scale: float = 1.0,
         clip: float = 100.0,
@@ -123,11 +127,15 @@ class FollmerSampler:
     ):
         for arg, value, allowed in (
             ("control", control, _CONTROLS),
-            ("base_drift", base_drift, _BASE_DRIFTS),
             ("loss", loss, _LOSSES),
         ):
             if value not in allowed:
                 raise ValueError(f"Expected `{arg}` in {allowed}, actual {value!r}")
+        if not (base_drift in _BASE_DRIFTS or callable(base_drift)):
+            raise ValueError(
+                f"Expected `base_drift` in {_BASE_DRIFTS} or a callable drift(t, x), "
+                f"actual {base_drift!r}"
+            )
         if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"Expected `sigma` to be a positive float, actual {sigma!r}")
         self.dtype = dtype or torch.get_default_dtype()
@@ -137,6 +145,7 @@ class FollmerSampler:
         self.times = torch.linspace(0.0, 1.0, num_steps + 1, dtype=self.dtype)
         self.base_drift = base_drift
         self.num_inner = num_inner
+        self.estimator = estimator
         self.loss_name = loss
         self.noise_scale = float(noise_scale)
         self.name = f"FollmerSampler_{id(self):x}" if name is None else name
@@ -165,12 +174,15 @@ class FollmerSampler:
             pyro.module(f"{self.name}.target_term", self.target_term)
             sigma, term = self.sigma, self.target_term
             terms.append(lambda t, x: sigma * term(t, x))
-        if self.base_drift == "monte_carlo":
+        if callable(self.base_drift):
+            terms.append(self.base_drift)
+        elif self.base_drift == "monte_carlo":
             terms.append(
                 MonteCarloFollmerDrift(
                     self.density,
                     self.dim,
                     num_inner=self.num_inner,
+                    estimator=self.estimator,
                     sigma=self.sigma,
                     dtype=self.dtype,
                 )

@@ -138,6 +138,9 @@ class LogVarianceELBO(ELBO):
         self.outlier_threshold = float(outlier_threshold)
         self.num_dropped = 0
 
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("LogVarianceELBO draws all its particles at once")
+
     def _log_ratios(self, model, guide, args, kwargs) -> Tensor:
         if getattr(guide, "path_derivative", False):
             raise ValueError(
