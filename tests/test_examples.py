@@ -6,8 +6,14 @@ from pathlib import Path
 import pytest
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
-EXAMPLES = ["double_well.py", "global_parameter.py", "posterior_checks.py", "quickstart.py"]
-WRITES_FILES = {"posterior_checks.py", "quickstart.py"}
+EXAMPLES = [
+    "double_well.py",
+    "global_parameter.py",
+    "posterior_checks.py",
+    "quickstart.py",
+    "sample_gmm.py",
+]
+WRITES_FILES = {"posterior_checks.py", "quickstart.py", "sample_gmm.py"}
 
 
 def test_every_example_is_listed():
@@ -25,5 +31,8 @@ def test_example_runs_with_smoke(name, tmp_path):
     if name == "quickstart.py":
         assert (tmp_path / "quickstart_paths.png").stat().st_size > 0
         assert (tmp_path / "quickstart_loss.png").stat().st_size > 0
+    if name == "sample_gmm.py":
+        assert (tmp_path / "sample_gmm.png").stat().st_size > 0
+        assert (tmp_path / "sample_gmm_drift.png").stat().st_size > 0
     if name == "posterior_checks.py":
         assert (tmp_path / "posterior_checks_bench_a.png").stat().st_size > 0

@@ -253,6 +253,17 @@ class FollmerSampler:
         )
 
     @torch.no_grad()
+    def drift(self, k: int, x: Tensor) -> Tensor:
+        """The guide's learned drift (base drift plus ``sigma`` times the control) at
+        grid time ``times[k]``, for states ``x`` of shape ``(..., dim)``."""
+        with poutine.block():
+            trace = poutine.trace(self.guide).get_trace()
+        fn = trace.nodes["path"]["fn"]
+        while not isinstance(fn, LatentDiffusion):  # Pyro's and the guide's wrappers
+            fn = getattr(fn, "base_dist", None) or fn.fn
+        return fn.drift(self.times[k], x.to(self.dtype))
+
+    @torch.no_grad()
     def sample_paths(self, num_samples: int, chunk_size: int = 1000) -> Tensor:
         """Paths from the guide, shape ``(num_samples, num_steps, dim)``."""
         chunks = []
