@@ -93,7 +93,7 @@ def run_learned(name, target, loss, seed, args):
     sampler = FollmerSampler(
         target.log_prob,
         target.dim,
-        num_steps=args.num_steps,
+        times=1 - (1 - torch.linspace(0, 1, args.num_steps + 1)) ** 2,
         sigma=config["sigma"],
         loss=loss,
         noise_scale=args.noise_scale,

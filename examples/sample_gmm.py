@@ -102,10 +102,12 @@ def main(args):
     sampler = FollmerSampler(
         target.log_prob,
         2,
-        num_steps=args.num_steps,
+        times=1 - (1 - torch.linspace(0, 1, args.num_steps + 1)) ** 2,
         sigma=args.sigma,
         loss=args.loss,
         noise_scale=args.noise_scale,
+        base_drift=None if args.base_drift == "none" else args.base_drift,
+        num_inner=args.num_inner,
     )
     start = time.perf_counter()
     losses = sampler.fit(
@@ -144,6 +146,8 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loss", default="log_variance", choices=["kl", "log_variance"])
+    parser.add_argument("--base-drift", default="none", choices=["none", "monte_carlo"])
+    parser.add_argument("--num-inner", type=int, default=16, help="of the Monte Carlo drift")
     parser.add_argument("--svi-steps", type=int, default=1500)
     parser.add_argument("--num-steps", type=int, default=50, help="Euler steps on [0, 1]")
     parser.add_argument("--num-particles", type=int, default=64)

@@ -35,6 +35,7 @@ class TargetAwareControl(nn.Module):
     :param float clip: the clip ``C`` of the gradient.
     :param hidden_dims: hidden widths of :math:`\mathrm{NN}_2`.
     :param int num_frequencies: Fourier time frequencies of :math:`\mathrm{NN}_2`.
+    :param time_span: ``(t_start, t_end)`` of the grid.
 
     References: Zhang & Chen (2022), *Path integral sampler: a stochastic control
     approach for sampling*, §4 (network); Vargas, Grathwohl & Doucet (2023),
@@ -49,12 +50,17 @@ class TargetAwareControl(nn.Module):
         clip: float = 100.0,
         hidden_dims: Sequence[int] = (64,),
         num_frequencies: int = 4,
+        time_span: tuple[float, float] = (0.0, 1.0),
     ):
         super().__init__()
         self.density = density
         self.clip = float(clip)
         self.gain = NeuralDrift(
-            1, out_dim=dim, hidden_dims=hidden_dims, num_frequencies=num_frequencies
+            1,
+            out_dim=dim,
+            hidden_dims=hidden_dims,
+            num_frequencies=num_frequencies,
+            time_span=time_span,
         )
 
     def score(self, x: Tensor) -> Tensor:

@@ -36,7 +36,8 @@ class FollmerSampler:
     Underneath is a plain Pyro model, :attr:`model`, and a
     :class:`~pyro_latdiff.DiffusionGuide`, :attr:`guide`. The model is a Brownian path
     from 0 on [0, 1] (``num_steps`` Euler steps, noise ``sigma``) whose terminal state
-    "observes" the target through a factor:
+    "observes" the target through a factor (``times`` may be any grid, the reference
+    is then :math:`\mathcal N(0, \sigma^2 T)` with ``T`` the horizon):
 
     .. code-block:: python
 
@@ -85,7 +86,11 @@ class FollmerSampler:
     :param callable log_density: unnormalised :math:`\log \pi(x)`, a function of a
         tensor ``batch_shape + (dim,)`` returning ``batch_shape``.
     :param int dim: the state dimension.
-    :param int num_steps: Euler steps on [0, 1].
+    :param int num_steps: Euler steps on [0, 1] (a uniform grid).
+    :param torch.Tensor times: a grid instead (any horizon, uniform or not). A grid
+        finer near its end, e.g. ``1 - (1 - torch.linspace(0, 1, 51))**2``, keeps the
+        last steps' noise ``sigma * sqrt(h)`` below the target's finest scale at no
+        extra cost.
     :param float sigma: the Brownian reference's noise scale (reference
         :math:`\mathcal N(0, \sigma^2 I)` at time 1): about the target's spread.
     :param str control: ``"target_aware"`` or ``"network"`` (the guide's network only).
@@ -113,6 +118,7 @@ class FollmerSampler:
         dim: int,
         *,
         num_steps: int = 100,
+        times: Tensor | None = None,
         sigma: float = 1.0,
         control: str = "target_aware",
         base_drift: str | None = None,
@@ -142,7 +148,17 @@ class FollmerSampler:
         self.density = TargetDensity(log_density, dim, dtype=self.dtype)
         self.dim = dim
         self.sigma = float(sigma)
-        self.times = torch.linspace(0.0, 1.0, num_steps + 1, dtype=self.dtype)
+        if times is None:
+            times = torch.linspace(0.0, 1.0, num_steps + 1, dtype=self.dtype)
+        elif not (isinstance(times, Tensor) and times.dim() == 1 and times.shape[0] >= 2):
+            raise ValueError(f"Expected `times` to be a 1-D tensor, actual {times!r}")
+        self.times = times.to(self.dtype)
+        self.horizon = float(self.times[-1] - self.times[0])
+        if base_drift == "monte_carlo" and (self.times[0] != 0 or self.times[-1] != 1):
+            raise ValueError(
+                "Expected `times` from 0 to 1 with base_drift='monte_carlo', actual from "
+                f"{self.times[0].item()} to {self.times[-1].item()}"
+            )
         self.base_drift = base_drift
         self.num_inner = num_inner
         self.estimator = estimator
@@ -150,7 +166,12 @@ class FollmerSampler:
         self.noise_scale = float(noise_scale)
         self.name = f"FollmerSampler_{id(self):x}" if name is None else name
         self.target_term = (
-            TargetAwareControl(self.density, dim, clip=clip).to(self.dtype)
+            TargetAwareControl(
+                self.density,
+                dim,
+                clip=clip,
+                time_span=(self.times[0].item(), self.times[-1].item()),
+            ).to(self.dtype)
             if control == "target_aware"
             else None
         )
@@ -164,9 +185,8 @@ class FollmerSampler:
         )
 
     def _log_reference(self, x: Tensor) -> Tensor:
-        return -0.5 * (x / self.sigma).square().sum(-1) - self.dim * (
-            _HALF_LOG_TWO_PI + math.log(self.sigma)
-        )
+        scale = self.sigma * math.sqrt(self.horizon)  # the Brownian path's terminal law
+        return -0.5 * (x / scale).square().sum(-1) - self.dim * (_HALF_LOG_TWO_PI + math.log(scale))
 
     def _drift(self) -> Callable[[Tensor, Tensor], Tensor] | None:
         terms: list[Callable[[Tensor, Tensor], Tensor]] = []
