@@ -28,7 +28,7 @@ from pyro_latdiff.sampling import FollmerSampler  # noqa: E402
 from pyro_latdiff.testing import gmm9, mode_masses  # noqa: E402
 
 
-def plot_samples(target, samples, masses, losses, path):
+def plot_samples(target, samples, masses, resampled_masses, losses, path):
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.4), gridspec_kw={"width_ratios": [1.1, 1, 1]})
     grid = torch.linspace(-8.5, 8.5, 300)
     xx, yy = torch.meshgrid(grid, grid, indexing="xy")
@@ -40,7 +40,14 @@ def plot_samples(target, samples, masses, losses, path):
     ax.set_aspect("equal")
     ax.legend(loc="upper right", markerscale=5, fontsize=8)
     ax = axes[1]
-    ax.bar(range(9), masses, color="crimson", alpha=0.8, label="sampler")
+    ax.bar(torch.arange(9) - 0.2, masses, width=0.4, color="crimson", label="sampler")
+    ax.bar(
+        torch.arange(9) + 0.2,
+        resampled_masses,
+        width=0.4,
+        color="darkorange",
+        label="importance-resampled",
+    )
     ax.axhline(1 / 9, color="k", lw=1, label="exact 1/9")
     ax.axhspan(1 / 9 - 0.03, 1 / 9 + 0.03, color="grey", alpha=0.2, label="±0.03")
     names = [f"({int(m[0])},{int(m[1])})" for m in target.means.tolist()]
@@ -122,12 +129,14 @@ def main(args):
     estimate = sampler.log_normalizer(args.num_samples)
     samples = sampler.sample(args.num_samples)
     masses = mode_masses(target, samples)
+    resampled_masses = mode_masses(target, sampler.sample(args.num_samples, resample=True))
     result = dict(
         log_z=estimate.log_z,
         stderr=estimate.stderr,
         ess=estimate.ess,
         elbo=estimate.elbo,
         max_mass_error=float((masses - 1 / 9).abs().max()),
+        max_mass_error_resampled=float((resampled_masses - 1 / 9).abs().max()),
         seconds=seconds,
         training_evaluations=training_evaluations,
     )
@@ -136,9 +145,17 @@ def main(args):
         f"ESS {estimate.ess:.0f}/{args.num_samples}, ELBO {estimate.elbo:.4f}"
     )
     print("mode masses:", " ".join(f"{m:.3f}" for m in masses.tolist()))
+    print("importance-resampled:", " ".join(f"{m:.3f}" for m in resampled_masses.tolist()))
     print(f"fit: {seconds:.0f} s, {training_evaluations} target evaluations")
     os.makedirs(args.outdir, exist_ok=True)
-    plot_samples(target, samples, masses, losses, os.path.join(args.outdir, "sample_gmm.png"))
+    plot_samples(
+        target,
+        samples,
+        masses,
+        resampled_masses,
+        losses,
+        os.path.join(args.outdir, "sample_gmm.png"),
+    )
     plot_drift(sampler, target, os.path.join(args.outdir, "sample_gmm_drift.png"))
     return result
 

@@ -9,6 +9,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from pyro.infer.importance import vectorized_importance_weights
 from torch import Tensor
 
 from ..distribution import LatentDiffusion
@@ -294,10 +295,38 @@ class FollmerSampler:
             chunks.append(trace.nodes["path"]["value"].reshape(size, -1, self.dim))
         return torch.cat(chunks)
 
-    def sample(self, num_samples: int, chunk_size: int = 1000) -> Tensor:
+    def sample(
+        self, num_samples: int, *, resample: bool = False, pool_size: int | None = None
+    ) -> Tensor:
         """Terminal states of the guide's paths, shape ``(num_samples, dim)``: samples
-        from the learned approximation of :math:`\\pi / Z`."""
-        return self.sample_paths(num_samples, chunk_size)[:, -1]
+        from the learned approximation of :math:`\pi / Z`.
+
+        With ``resample=True``, sampling-importance-resampling: ``pool_size`` paths
+        (default ``4 * num_samples``) are drawn and ``num_samples`` terminal states
+        resampled in proportion to their importance weights, which removes the guide's
+        bias as the pool grows (at the cost of repeated points)."""
+        if not resample:
+            return self.sample_paths(num_samples)[:, -1]
+        pool_size = 4 * num_samples if pool_size is None else pool_size
+        states, log_weights = self.sample_with_log_weights(pool_size)
+        index = torch.multinomial(torch.softmax(log_weights, 0), num_samples, replacement=True)
+        return states[index]
+
+    @torch.no_grad()
+    def sample_with_log_weights(
+        self, num_samples: int, chunk_size: int = 500
+    ) -> tuple[Tensor, Tensor]:
+        """Terminal states ``(num_samples, dim)`` and their importance log-weights
+        :math:`\log p(\mathrm{path}, \mathrm{obs}) - \log q(\mathrm{path})`."""
+        states, weights = [], []
+        for start in range(0, num_samples, chunk_size):
+            size = min(chunk_size, num_samples - start)
+            log_w, model_trace, _ = vectorized_importance_weights(
+                self.model, self.guide, num_samples=size, max_plate_nesting=0
+            )
+            states.append(model_trace.nodes["path"]["value"].reshape(size, -1, self.dim)[:, -1])
+            weights.append(log_w.reshape(size))
+        return torch.cat(states), torch.cat(weights)
 
     def log_normalizer(
         self, num_samples: int = 1000, chunk_size: int = 500
