@@ -12,6 +12,7 @@ import torch
 from pyro.infer import SVI
 
 from pyro_latdiff import DiffusionGuide, fit
+from pyro_latdiff._warnings import LatentDiffusionWarning
 from pyro_latdiff.sampling import (
     FollmerSampler,
     LogNormalizerEstimate,
@@ -60,6 +61,7 @@ def test_exact_follmer_drift_through_the_pyro_model_and_guide():
         dtype=DTYPE,
     )
     _check_moments(sampler.sample(2000), target)
+    _check_moments(sampler.sample(1000, resample=True, pool_size=2000), target, tol=2 * TOL)
     estimate = sampler.log_normalizer(2000)
     assert abs(estimate.log_z) < 3 * estimate.stderr + 1e-12
     assert estimate.elbo <= estimate.log_z
@@ -154,7 +156,8 @@ def test_target_with_nan_and_inf_does_not_poison_training():
 
     for loss in ("kl", "log_variance"):
         sampler = FollmerSampler(log_density, 2, num_steps=10, loss=loss, hidden_dims=(16,))
-        losses = sampler.fit(5, num_particles=32)
+        with pytest.warns(LatentDiffusionWarning, match="NaN or infinite"):
+            losses = sampler.fit(5, num_particles=32)
         assert all(math.isfinite(v) for v in losses)
         assert sampler.density.num_nonfinite > 0
         estimate = sampler.log_normalizer(200)

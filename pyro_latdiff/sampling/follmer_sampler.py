@@ -3,6 +3,7 @@ r"""A learned Föllmer sampler: a Brownian-path Pyro model, a DiffusionGuide, SV
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import pyro
@@ -12,6 +13,7 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.importance import vectorized_importance_weights
 from torch import Tensor
 
+from .._warnings import LatentDiffusionWarning
 from ..distribution import LatentDiffusion
 from ..guide import DiffusionGuide
 from ..infer import default_optim, fit, log_evidence
@@ -257,13 +259,16 @@ class FollmerSampler:
         **kwargs,
     ) -> list[float]:
         """Fit the guide with :func:`~pyro_latdiff.fit` (clipped Adam, learning rate
-        decaying from ``lr`` to ``final_lr``); other keywords go to ``fit``.
+        decaying from ``lr`` to ``final_lr``); other keywords go to ``fit``. Non-finite
+        target values met while fitting are reported by a ``LatentDiffusionWarning``.
 
         :returns: the loss at every step.
         """
         optim = kwargs.pop("optim", None) or default_optim(num_steps, lr, final_lr)
         loss = kwargs.pop("loss", None) or self.make_loss(num_particles)
-        return fit(
+        nonfinite = self.density.num_nonfinite
+        dropped = getattr(loss, "num_dropped", 0)
+        losses = fit(
             self.model,
             self.guide,
             num_steps=num_steps,
@@ -272,6 +277,22 @@ class FollmerSampler:
             progress=progress,
             **kwargs,
         )
+        nonfinite = self.density.num_nonfinite - nonfinite
+        if nonfinite:
+            dropped = getattr(loss, "num_dropped", 0) - dropped
+            warnings.warn(
+                f"FollmerSampler.fit: {nonfinite} target evaluations were NaN or infinite; "
+                f"they were given log-density {self.density.floor} and zero gradient"
+                + (
+                    f", and {dropped} paths were left out of the log-variance loss"
+                    if dropped
+                    else ""
+                )
+                + ". Check `log_density` if this is not expected (e.g. a support boundary)",
+                LatentDiffusionWarning,
+                stacklevel=2,
+            )
+        return losses
 
     @torch.no_grad()
     def drift(self, k: int, x: Tensor) -> Tensor:
@@ -298,7 +319,7 @@ class FollmerSampler:
     def sample(
         self, num_samples: int, *, resample: bool = False, pool_size: int | None = None
     ) -> Tensor:
-        """Terminal states of the guide's paths, shape ``(num_samples, dim)``: samples
+        r"""Terminal states of the guide's paths, shape ``(num_samples, dim)``: samples
         from the learned approximation of :math:`\pi / Z`.
 
         With ``resample=True``, sampling-importance-resampling: ``pool_size`` paths
@@ -316,7 +337,7 @@ class FollmerSampler:
     def sample_with_log_weights(
         self, num_samples: int, chunk_size: int = 500
     ) -> tuple[Tensor, Tensor]:
-        """Terminal states ``(num_samples, dim)`` and their importance log-weights
+        r"""Terminal states ``(num_samples, dim)`` and their importance log-weights
         :math:`\log p(\mathrm{path}, \mathrm{obs}) - \log q(\mathrm{path})`."""
         states, weights = [], []
         for start in range(0, num_samples, chunk_size):
