@@ -12,8 +12,9 @@ Cost is counted in drift evaluations (one per sample per Euler step; the
 parametrix's extra evaluation of ``g`` is not counted). For each estimator one run
 measures the per-sample variance ``v`` and the mean cost ``c``; for Euler with
 ``n`` steps the bias is computed *exactly* for the Euler chain by propagating its
-transition density on a fine grid (and checked against the Monte Carlo run,
-column ``z``). At a budget of ``B`` drift evaluations the mean squared error is
+transition density on a fine grid (``pyro_latdiff.testing.euler_grid_density``; checked
+against the Monte Carlo run, column ``z``). At a budget of ``B`` drift evaluations the
+mean squared error is
 
 - unbiased estimators: ``v c / B``;
 - Euler with ``n`` steps (``B / n`` paths): ``bias_n^2 + v_n n / B``.
@@ -36,7 +37,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
 import numpy as np
@@ -45,6 +45,7 @@ import torch
 from pyro_latdiff.testing import (
     benes_drift,
     benes_expectation_cos,
+    euler_grid_density,
     ou_drift,
     ou_expectation_cos,
 )
@@ -73,23 +74,13 @@ def benes_cos_exact(a: float, x0: float = X0, t: float = T) -> float:
 
 def euler_exact_moments(a: float, num_steps: int, dx: float) -> tuple[float, float]:
     """Mean and variance of ``cos(X_T)`` for the Beneš Euler chain, by propagating the
-    chain's density on a grid (trapezoid rule, spectrally accurate here)."""
-    h = T / num_steps
-    grid = np.arange(X0 - 9.0 - a * T, X0 + a * T + 9.0, dx)
-
-    def kernel(mean):
-        return np.exp(-((grid[None, :] - mean[:, None]) ** 2) / (2 * h)) / math.sqrt(
-            2 * math.pi * h
-        )
-
-    density = kernel(np.array([X0 + a * math.tanh(a * X0) * h]))[0]
-    if num_steps > 1:
-        step = kernel(grid + a * np.tanh(a * grid) * h) * dx  # step[i, j]: grid[i] -> grid[j]
-        for _ in range(num_steps - 1):
-            density = density @ step
-    mass = density.sum() * dx
-    mean = (density * np.cos(grid)).sum() * dx / mass
-    second = (density * np.cos(grid) ** 2).sum() * dx / mass
+    chain's density on a grid (:func:`~pyro_latdiff.testing.euler_grid_density`)."""
+    grid = torch.arange(X0 - 9.0 - a * T, X0 + a * T + 9.0, dx, dtype=torch.float64)
+    times = torch.linspace(0.0, T, num_steps + 1, dtype=torch.float64)
+    density = euler_grid_density(benes_drift(a), 1.0, X0, times, grid, time_homogeneous=True)
+    mass = density.sum()
+    mean = (density * torch.cos(grid)).sum() / mass
+    second = (density * torch.cos(grid) ** 2).sum() / mass
     return float(mean), float(second - mean**2)
 
 

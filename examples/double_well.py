@@ -3,7 +3,7 @@
 dX = (X - X^3) dt + sigma dW from X_0 = 0: the terminal prior is bimodal (wells at
 -1 and +1). One noisy observation y between the wells leaves a bimodal posterior
 tilted towards one well. The 1-D Euler chain is propagated exactly on a fine grid
-(a matrix-vector product per step), which gives the exact evidence and terminal
+(:func:`pyro_latdiff.testing.euler_grid_density`), which gives the exact evidence and terminal
 posterior to compare the fitted guide with.
 
     python examples/double_well.py
@@ -22,6 +22,7 @@ from pyro.infer import Predictive, Trace_ELBO
 from pyro.infer.importance import vectorized_importance_weights
 
 from pyro_latdiff import DiffusionGuide, LatentDiffusion, fit, log_evidence
+from pyro_latdiff.testing import euler_grid_density
 
 
 def drift(t, x):
@@ -37,18 +38,7 @@ def grid_solution(y, times, sigma, obs_scale, grid_size=3501):
     """Exact evidence and terminal posterior of the Euler chain, on a grid of states."""
     x = torch.linspace(-3.5, 3.5, grid_size)
     dx = x[1] - x[0]
-    steps = times.diff()
-    # First step from the point mass at 0.
-    density = (
-        dist.Normal(drift(times[0], torch.zeros(())) * steps[0], sigma * steps[0].sqrt())
-        .log_prob(x)
-        .exp()
-    )
-    for t, h in zip(times[1:-1], steps[1:], strict=True):
-        kernel = (
-            dist.Normal((x + drift(t, x) * h).unsqueeze(-1), sigma * h.sqrt()).log_prob(x).exp()
-        )  # [from, to]
-        density = (density.unsqueeze(-1) * kernel).sum(0) * dx
+    density = euler_grid_density(drift, sigma, 0.0, times, x, time_homogeneous=True)
     likelihood = dist.Normal(x, obs_scale).log_prob(torch.as_tensor(y, dtype=x.dtype)).exp()
     evidence = (density * likelihood).sum() * dx
     posterior = density * likelihood / evidence

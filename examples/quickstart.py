@@ -22,15 +22,8 @@ import torch  # noqa: E402
 from pyro.infer import Predictive, Trace_ELBO  # noqa: E402
 
 from pyro_latdiff import DiffusionGuide, fit, log_evidence  # noqa: E402
+from pyro_latdiff.plots import plot_fan  # noqa: E402
 from pyro_latdiff.testing import ou_problem  # noqa: E402
-
-
-def fan_chart(ax, times, paths, color, label):
-    """Median and 50% / 90% bands of ``paths`` (num_samples, num_times)."""
-    q = torch.quantile(paths, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=paths.dtype), 0)
-    ax.fill_between(times, q[0], q[4], color=color, alpha=0.2, lw=0, label=f"{label} 90%")
-    ax.fill_between(times, q[1], q[3], color=color, alpha=0.4, lw=0, label=f"{label} 50%")
-    ax.plot(times, q[2], color=color, lw=1.5, label=f"{label} median")
 
 
 def main(args):
@@ -73,14 +66,9 @@ def main(args):
     times = problem.times
     prior = problem.distribution().sample((args.num_samples,))[..., 0]
     fig, ax = plt.subplots(figsize=(7, 4))
-    fan_chart(ax, times, torch.cat([torch.zeros(len(prior), 1), prior], 1), "tab:gray", "prior")
-    fan_chart(
-        ax,
-        times,
-        torch.cat([torch.zeros(len(posterior), 1), posterior], 1),
-        "tab:blue",
-        "posterior",
-    )
+    for paths, color, label in ((prior, "tab:gray", "prior"), (posterior, "tab:blue", "posterior")):
+        start = torch.zeros(len(paths), 1)  # x0 = 0 at times[0]
+        plot_fan(times, torch.cat([start, paths], 1), label=label, color=color, ax=ax)
     ax.errorbar([times[-1]], [args.y], yerr=[0.2], fmt="o", color="k", label="y (2 sd)")
     ax.set(xlabel="t", ylabel="X_t", title="OU path: prior and posterior given y at T")
     ax.legend(fontsize=7, ncol=2)

@@ -14,6 +14,14 @@ def shape_of(x) -> tuple:
     return tuple(x.shape)
 
 
+def _broadcast(value: Tensor, like: Tensor, expected: str) -> torch.Size:
+    """The broadcast shape of ``value`` and ``like``, else "Expected {expected}, actual ..."."""
+    try:
+        return torch.broadcast_shapes(value.shape, like.shape)
+    except RuntimeError:
+        raise ValueError(f"Expected {expected}, actual shape {shape_of(value)}") from None
+
+
 def check_times(times) -> None:
     if not isinstance(times, Tensor):
         raise TypeError(
@@ -41,7 +49,9 @@ def check_times(times) -> None:
         )
 
 
-def check_x0(x0, times: Tensor) -> None:
+def check_x0(x0, times: Tensor | None = None) -> None:
+    """``x0`` is a finite, non-empty floating point tensor ``batch_shape + (D,)``; with
+    ``times``, it shares their dtype and device."""
     if not isinstance(x0, Tensor):
         raise TypeError(f"Expected `x0` to be a torch.Tensor, actual type {type(x0).__name__}")
     if x0.dim() < 1 or x0.shape[-1] < 1:
@@ -49,7 +59,12 @@ def check_x0(x0, times: Tensor) -> None:
             "Expected `x0` of shape batch_shape + (state_dim,) with state_dim >= 1, "
             f"actual shape {shape_of(x0)}"
         )
-    if x0.dtype != times.dtype or x0.device != times.device:
+    if times is None:
+        if not x0.is_floating_point():
+            raise ValueError(
+                f"Expected `x0` to be a floating point tensor, actual dtype {x0.dtype}"
+            )
+    elif x0.dtype != times.dtype or x0.device != times.device:
         raise ValueError(
             "Expected `x0` and `times` to share dtype and device, actual "
             f"x0: {x0.dtype} on {x0.device}, times: {times.dtype} on {times.device}"
@@ -62,35 +77,92 @@ def check_x0(x0, times: Tensor) -> None:
         raise ValueError("Expected `x0` to be finite, actual tensor contains NaN or inf")
 
 
-def check_output(name: str, out, x: Tensor, positive: bool) -> torch.Size:
-    """Check one probe of the drift or a callable diffusion; return its batch shape."""
-    what = f"`{name}(times[0], x0)`"
+def check_noise_type(noise_type) -> None:
+    if noise_type not in ("diagonal", "general"):
+        raise ValueError(
+            f"Expected `noise_type` to be 'diagonal' or 'general', actual {noise_type!r}"
+        )
+
+
+def check_output(
+    name: str,
+    out,
+    x: Tensor,
+    positive: bool,
+    *,
+    call: str = "(times[0], x0)",
+    exact: bool = False,
+    matrix: bool = False,
+    finite: bool = False,
+) -> torch.Size:
+    """Check one probe ``out = name{call}`` of the drift or a callable diffusion on ``x``
+    and return its batch shape: shaped like ``x`` (exactly ``x``'s shape with ``exact``,
+    else broadcasting with it and with its last dimension), or a ``(..., D, M)`` matrix
+    with ``matrix``. Values are checked for finiteness only with ``finite``: in a
+    distribution a non-finite drift or diffusion makes ``log_prob`` non-finite, so
+    inference (e.g. NUTS) can reject it. A finite value that is not positive raises
+    when ``positive``."""
+    what = f"`{name}{call}`"
     if not isinstance(out, Tensor):
         raise TypeError(f"Expected {what} to return a torch.Tensor, actual {type(out).__name__}")
-    if out.dim() == 0 or out.shape[-1] != x.shape[-1]:
+    if exact and out.shape != x.shape:
         raise ValueError(
-            f"Expected {what} to return a tensor shaped like x, {shape_of(x)} (last dimension "
-            f"exactly state_dim = {x.shape[-1]}), actual shape {shape_of(out)}"
+            f"Expected {what} to return a tensor of x's shape {shape_of(x)}, "
+            f"actual shape {shape_of(out)}"
         )
+    if matrix:
+        if out.dim() < 2 or out.shape[-2] != x.shape[-1] or out.shape[-1] < 1:
+            raise ValueError(
+                f"Expected {what} to return a matrix of shape (..., {x.shape[-1]}, M) "
+                f"(state_dim rows, one column per Brownian motion), actual shape {shape_of(out)}"
+            )
+        batch = out.shape[:-2]
+    else:
+        if out.dim() == 0 or out.shape[-1] != x.shape[-1]:
+            raise ValueError(
+                f"Expected {what} to return a tensor shaped like x, {shape_of(x)} (last "
+                f"dimension exactly state_dim = {x.shape[-1]}), actual shape {shape_of(out)}"
+            )
+        batch = out.shape[:-1]
     try:
-        shape = torch.broadcast_shapes(out.shape, x.shape)
+        shape = torch.broadcast_shapes(batch, x.shape[:-1])
     except RuntimeError:
         raise ValueError(
             f"Expected {what} to return a tensor shaped like x, {shape_of(x)}, "
             f"actual shape {shape_of(out)}"
         ) from None
-    if not torch.isfinite(out).all():
+    if finite and not torch.isfinite(out).all():
         raise ValueError(f"Expected {what} to be finite, actual output contains NaN or inf")
-    if positive and not (out > 0).all():
-        raise ValueError(f"Expected {what} to be positive, actual minimum {out.min().item()}")
-    return shape[:-1]
+    if positive:
+        values = out[torch.isfinite(out)]
+        if not (values > 0).all():
+            raise ValueError(
+                f"Expected {what} to be positive, actual minimum {values.min().item()}"
+            )
+    return shape
 
 
 def check_diffusion(
-    diffusion, x0: Tensor, name: str = "diffusion", callable_allowed: bool = True
+    diffusion,
+    x0: Tensor,
+    name: str = "diffusion",
+    callable_allowed: bool = True,
+    matrix: bool = False,
 ) -> None:
     """A constant diffusion: a positive float, or a positive tensor ``(..., D)`` with the
-    dtype and device of ``x0``."""
+    dtype and device of ``x0``; with ``matrix``, a tensor ``(..., D, M)``."""
+    if matrix:
+        if not isinstance(diffusion, Tensor):
+            also = f" or a callable {name}(t, x)" if callable_allowed else ""
+            raise TypeError(
+                f"Expected `{name}` to be a tensor of shape (..., state_dim, M){also} with "
+                f"general noise, actual type {type(diffusion).__name__}"
+            )
+        if diffusion.dim() < 2 or diffusion.shape[-2] != x0.shape[-1]:
+            raise ValueError(
+                f"Expected `{name}` of shape (..., {x0.shape[-1]}, M) (state_dim rows) with "
+                f"general noise, actual shape {shape_of(diffusion)}"
+            )
     if isinstance(diffusion, bool) or not isinstance(diffusion, (int, float, Tensor)):
         also = f" or a callable {name}(t, x)" if callable_allowed else ""
         raise TypeError(
@@ -98,7 +170,7 @@ def check_diffusion(
             f"{also}, actual type {type(diffusion).__name__}"
         )
     if isinstance(diffusion, Tensor):
-        if diffusion.dim() > 0 and diffusion.shape[-1] != x0.shape[-1]:
+        if not matrix and diffusion.dim() > 0 and diffusion.shape[-1] != x0.shape[-1]:
             raise ValueError(
                 f"Expected `{name}` of shape (..., {x0.shape[-1]}) (state_dim of x0), "
                 f"actual shape {shape_of(diffusion)}"
@@ -108,16 +180,63 @@ def check_diffusion(
                 f"Expected `{name}` to share dtype and device with `x0`, actual "
                 f"{diffusion.dtype} on {diffusion.device} (x0: {x0.dtype} on {x0.device})"
             )
-        ok = torch.isfinite(diffusion).all() and (diffusion > 0).all()
+        finite = torch.isfinite(diffusion).all()
+        ok = finite if matrix else finite and (diffusion > 0).all()
     else:
         ok = math.isfinite(diffusion) and diffusion > 0
     if not ok:
-        raise ValueError(f"Expected `{name}` to be positive and finite, actual {diffusion}")
+        what = "finite" if matrix else "positive and finite"
+        raise ValueError(f"Expected `{name}` to be {what}, actual {diffusion}")
 
 
-def check_positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, actual {value!r}")
+def check_positive_int(
+    name: str, value, minimum: int = 1, *, strict: bool = False, reason: str = ""
+) -> int:
+    """``value`` is an int ``>= minimum``; return it.
+
+    A value that is no int is a ValueError, or a TypeError with ``strict`` (the
+    convention of :mod:`pyro_latdiff.unbiased`). ``reason`` is added to the message.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        if strict:
+            raise TypeError(
+                f"Expected `{name}` to be an int >= {minimum}{reason}, actual type "
+                f"{type(value).__name__}"
+            )
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}{reason}, actual {value!r}")
+    if value < minimum:
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}{reason}, actual {value!r}")
+    return value
+
+
+#: Draws of a model and its guide per vectorised pass (:func:`~pyro_latdiff.log_evidence`,
+#: :func:`~pyro_latdiff.inference_data.to_inference_data`) when not told.
+DEFAULT_CHUNK_SIZE = 1000
+
+
+def chunk_size_or_default(
+    chunk_size, num_draws: int, default: int = DEFAULT_CHUNK_SIZE, *, strict: bool = False
+) -> int:
+    """``chunk_size`` checked, or ``min(num_draws, default)`` if it is None."""
+    if chunk_size is None:
+        return min(num_draws, default)
+    return check_positive_int("chunk_size", chunk_size, strict=strict)
+
+
+def check_positive_float(name: str, value) -> float:
+    """``value`` is a positive finite number; return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"Expected `{name}` to be a positive float, actual type {type(value).__name__}"
+        )
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"Expected `{name}` to be a positive finite float, actual {value}")
+    return float(value)
+
+
+def check_callable(name: str, value) -> None:
+    if not callable(value):
+        raise TypeError(f"Expected `{name}` to be callable, actual type {type(value).__name__}")
 
 
 def check_widths(hidden_dims) -> None:
@@ -146,6 +265,12 @@ def check_signature(name: str, function, args: tuple, kwargs: dict) -> None:
         ) from None
 
 
+def check_model_and_guide(model, guide, args: tuple, kwargs: dict) -> None:
+    """``model`` and ``guide`` are callables that accept ``(*args, **kwargs)``."""
+    for name, value in (("model", model), ("guide", guide)):
+        check_signature(name, value, args, kwargs)
+
+
 def check_ordered_pair(name: str, value, what: str = "(low, high)") -> tuple[float, float]:
     """``value`` is two finite numbers, the first below the second."""
     ok = (
@@ -162,3 +287,91 @@ def check_ordered_pair(name: str, value, what: str = "(low, high)") -> tuple[flo
             f"Expected `{name}` = {what}, finite with {low} < {high}, actual {value!r}"
         )
     return float(value[0]), float(value[1])
+
+
+# ------------------------------------------------------------------ the unbiased estimators
+
+
+def _as_float(value):
+    if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point():
+        return float(value)
+    return value
+
+
+def check_time_interval(t0, t1) -> float:
+    """``t0 < t1``, both finite numbers (or 0-d float tensors); return ``t1 - t0``."""
+    t0, t1 = _as_float(t0), _as_float(t1)
+    for name, value in (("t0", t0), ("t1", t1)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"Expected `{name}` to be a float, actual type {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"Expected `{name}` to be finite, actual {value}")
+    if not t1 > t0:
+        raise ValueError(f"Expected `t1` > `t0`, actual t0 = {t0}, t1 = {t1}")
+    return float(t1) - float(t0)
+
+
+def check_constant_sigma(sigma, x0: Tensor) -> Tensor:
+    """A constant diffusion ``sigma`` as a positive tensor broadcastable to ``x0``
+    without enlarging it; a callable one is a NotImplementedError."""
+    if callable(sigma) and not isinstance(sigma, Tensor):
+        raise NotImplementedError(
+            "Expected `sigma` to be a constant (positive float or tensor of shape "
+            "(..., state_dim)), actual a callable: the estimators here need a constant diffusion "
+            "coefficient (a state-dependent one needs second-order parametrix weights, "
+            "Andersson & Kohatsu-Higa 2017, which are not implemented)"
+        )
+    check_diffusion(sigma, x0, name="sigma", callable_allowed=False)
+    if not isinstance(sigma, Tensor):
+        return torch.tensor(float(sigma), dtype=x0.dtype, device=x0.device)
+    shape = _broadcast(sigma, x0, f"`sigma` broadcastable to x0's shape {shape_of(x0)}")
+    if shape != x0.shape:
+        raise ValueError(
+            f"Expected `sigma` broadcastable to x0's shape {shape_of(x0)} without "
+            f"enlarging it, actual shape {shape_of(sigma)}"
+        )
+    return sigma
+
+
+def check_drift_on_samples(drift, x0: Tensor, t0: float) -> None:
+    """Probe ``drift(t, x)`` once on ``x = x0[None]``, ``t`` of shape ``(1,) + (1,) * x0.dim()``
+    (one time per sample): the output must have ``x``'s shape exactly and be finite."""
+    check_callable("drift", drift)
+    x = x0.unsqueeze(0)
+    t = torch.full((1,) + (1,) * x0.dim(), t0, dtype=x0.dtype, device=x0.device)
+    check_output("drift", drift(t, x), x, positive=False, call="(t, x)", exact=True, finite=True)
+
+
+def check_fn_output(name: str, out, x: Tensor) -> None:
+    """``out = fn(x)`` has shape ``x.shape[:-1] + event_shape``."""
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"Expected `{name}(x)` to return a torch.Tensor, actual {type(out).__name__}"
+        )
+    lead = x.shape[:-1]
+    if out.shape[: len(lead)] != lead:
+        raise ValueError(
+            f"Expected `{name}(x)` for x of shape {shape_of(x)} to return shape "
+            f"{tuple(lead)} + event_shape, actual shape {shape_of(out)}"
+        )
+
+
+def check_fn(name: str, fn, x0: Tensor) -> None:
+    """Probe a functional ``fn(x)`` of the state once on ``x0[None]``."""
+    check_callable(name, fn)
+    x = x0.unsqueeze(0)
+    check_fn_output(name, fn(x), x)
+
+
+def check_sde_arguments(
+    drift, x0, t0, t1, sigma, num_samples, chunk_size, default_chunk: int
+) -> tuple[float, Tensor, int]:
+    """The arguments every unbiased estimator shares; return ``(t1 - t0, sigma as a
+    tensor, chunk size)``."""
+    check_x0(x0)
+    duration = check_time_interval(t0, t1)
+    sigma_t = check_constant_sigma(sigma, x0)
+    check_positive_int("num_samples", num_samples, 2, strict=True, reason=" (for a standard error)")
+    chunk = chunk_size_or_default(chunk_size, num_samples, default_chunk, strict=True)
+    check_drift_on_samples(drift, x0, float(t0))
+    return duration, sigma_t, chunk

@@ -14,34 +14,34 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._traces import SAMPLE_PLATE, plate_nesting, vectorize
 from ._validation import check_positive_int, check_signature
 from .guide import DiffusionGuide
-from .infer import _plate_nesting, fit
+from .infer import fit
 
-__all__ = ["Calibration", "calibrate", "rank_test"]
+__all__ = ["Calibration", "calibrate", "rank_histogram", "rank_test"]
 
 _SIMULATION_PLATE = "_simulations"
-_SAMPLE_PLATE = "_num_samples"
 
 Quantity = Callable[[dict[str, Tensor]], Tensor]
 
 
-def _default_num_bins(num_simulations: int, num_samples: int) -> int:
-    """About 10 expected ranks per bin, between 2 and 20 bins, at most one per rank."""
-    return int(max(2, min(20, num_simulations // 10, num_samples + 1)))
+def rank_histogram(
+    ranks, num_samples: int, num_bins: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of ranks in ``num_bins`` bins, and each bin's expected count if the ranks
+    were uniform on ``{0, ..., num_samples}``.
 
-
-def rank_test(ranks, num_samples: int, num_bins: int | None = None) -> tuple[float, float]:
-    r"""Chi-square test that ranks are uniform on ``{0, ..., num_samples}``.
-
-    Ranks are binned into ``num_bins`` bins, rank ``r`` in bin
-    ``floor(r * num_bins / (num_samples + 1))``; each bin's expected count is exact
-    (bins may hold unequal numbers of rank values).
+    Rank ``r`` falls in bin ``floor(r * num_bins / (num_samples + 1))``; the bins may
+    hold unequal numbers of rank values, and the expected counts are exact.
 
     :param ranks: integer ranks, any shape (flattened).
+    :type ranks: numpy.ndarray
     :param int num_samples: number ``L`` of posterior draws each rank was taken among.
-    :param int num_bins: number of bins; default about one per 10 ranks, 2 to 20.
-    :returns: ``(statistic, p_value)``.
+    :param int num_bins: number of bins; default about one per 10 ranks, 2 to 20, at
+        most one per rank value.
+    :returns: ``(counts, expected)``, two arrays of length ``num_bins``.
+    :rtype: tuple(numpy.ndarray, numpy.ndarray)
     """
     check_positive_int("num_samples", num_samples)
     ranks = np.asarray(ranks).reshape(-1)
@@ -52,20 +52,29 @@ def rank_test(ranks, num_samples: int, num_bins: int | None = None) -> tuple[flo
             f"Expected `ranks` to be integers in [0, {num_samples}] (num_samples), actual "
             f"dtype {ranks.dtype}, range [{ranks.min()}, {ranks.max()}]"
         )
+    length = num_samples + 1
     if num_bins is None:
-        num_bins = _default_num_bins(ranks.size, num_samples)
+        num_bins = int(max(2, min(20, ranks.size // 10, length)))
     check_positive_int("num_bins", num_bins, minimum=2)
-    if num_bins > num_samples + 1:
-        raise ValueError(
-            f"Expected `num_bins` <= num_samples + 1 = {num_samples + 1}, actual {num_bins}"
-        )
-    bins = ranks * num_bins // (num_samples + 1)
-    observed = np.bincount(bins, minlength=num_bins)
-    per_bin = np.bincount(
-        np.arange(num_samples + 1) * num_bins // (num_samples + 1), minlength=num_bins
-    )
-    expected = ranks.size * per_bin / (num_samples + 1)
-    statistic, p_value = stats.chisquare(observed, expected)
+    if num_bins > length:
+        raise ValueError(f"Expected `num_bins` <= num_samples + 1 = {length}, actual {num_bins}")
+    counts = np.bincount(ranks * num_bins // length, minlength=num_bins)
+    per_bin = np.bincount(np.arange(length) * num_bins // length, minlength=num_bins)
+    return counts, ranks.size * per_bin / length
+
+
+def rank_test(ranks, num_samples: int, num_bins: int | None = None) -> tuple[float, float]:
+    r"""Chi-square test that ranks are uniform on ``{0, ..., num_samples}``, on the bins
+    of :func:`rank_histogram`.
+
+    :param ranks: integer ranks, any shape (flattened).
+    :type ranks: numpy.ndarray
+    :param int num_samples: number ``L`` of posterior draws each rank was taken among.
+    :param int num_bins: number of bins; default about one per 10 ranks, 2 to 20.
+    :returns: ``(statistic, p_value)``.
+    :rtype: tuple(float, float)
+    """
+    statistic, p_value = stats.chisquare(*rank_histogram(ranks, num_samples, num_bins))
     return float(statistic), float(p_value)
 
 
@@ -102,14 +111,6 @@ class Calibration:
         for name, (statistic, p_value) in self.test().items():
             lines.append(f"  {name:20s} chi2 {statistic:8.2f}   p-value {p_value:.4f}")
         return "\n".join(lines)
-
-
-def _replicate(fn: Callable, name: str, size: int, dim: int) -> Callable:
-    def replicated(*args, **kwargs):
-        with pyro.plate(name, size, dim=dim):
-            return fn(*args, **kwargs)
-
-    return replicated
 
 
 def _aligned(value: Tensor, event_dim: int, rank: int) -> Tensor:
@@ -191,6 +192,7 @@ def calibrate(
         callables ``f(values)``; ``values`` maps each latent site to a tensor of shape
         ``(draws,) + shape`` (``shape`` the site's shape in one simulation, left-padded
         with ones to the model's plate nesting) and ``f`` returns ``(draws, ...)``.
+    :type quantities: list or dict
     :param int num_simulations: number of simulated data sets.
     :param int num_samples: posterior draws per simulation (``L``; ``L + 1`` a multiple
         of the number of bins keeps bins equal).
@@ -202,7 +204,7 @@ def calibrate(
         alter the trained guide.
     :param int num_steps: SVI steps of the default ``fit_fn``.
     :param bool progress: show a progress bar over the fits.
-    :returns: a :class:`Calibration`.
+    :rtype: Calibration
     """
     check_signature("model", model, args, kwargs)
     check_positive_int("num_simulations", num_simulations)
@@ -214,14 +216,14 @@ def calibrate(
     fns = _quantity_fns(quantities)
     fit_fn = _default_fit(num_steps) if fit_fn is None else fit_fn
     with poutine.block(), torch.no_grad():
-        nesting = _plate_nesting(
+        nesting = plate_nesting(
             poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs)
         )
     ranks: dict[str, list[np.ndarray]] = {}
     starts = range(0, num_simulations, simulations_per_fit)
     for start in tqdm(starts, disable=not progress, desc="SBC"):
         size = min(simulations_per_fit, num_simulations - start)
-        replicated = _replicate(model, _SIMULATION_PLATE, size, -(nesting + 1))
+        replicated = vectorize(model, size, -(nesting + 1), _SIMULATION_PLATE)
         with poutine.block(), torch.no_grad():
             prior = poutine.trace(poutine.uncondition(replicated)).get_trace(*args, **kwargs)
         data, truth, event_dims = {}, {}, {}
@@ -237,7 +239,7 @@ def calibrate(
         with pyro.get_param_store().scope():
             guide = guide_fn(conditioned)
             fit_fn(conditioned, guide, *args, **kwargs)
-            sampler = _replicate(guide, _SAMPLE_PLATE, num_samples, -(nesting + 2))
+            sampler = vectorize(guide, num_samples, -(nesting + 2), SAMPLE_PLATE)
             with poutine.block(), torch.no_grad():
                 draws = poutine.trace(sampler).get_trace(*args, **kwargs)
         posterior = {

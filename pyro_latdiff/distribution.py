@@ -2,101 +2,52 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
 
-from ._validation import check_diffusion, check_output, check_times, check_x0, shape_of
-from .sde import Diffusion, _solve
+from ._validation import (
+    check_diffusion,
+    check_noise_type,
+    check_output,
+    check_times,
+    check_x0,
+    shape_of,
+)
+from .sde import NOISE_TYPES, Diffusion, at_step, constant_diffusion, simulate, transition_log_prob
 
-__all__ = ["LatentDiffusion"]
-
-_HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
+__all__ = ["EulerChain", "LatentDiffusion"]
 
 
-class LatentDiffusion(TorchDistribution):
-    r"""The Euler–Maruyama path of an SDE on a time grid, as one Pyro sample site.
+class EulerChain(TorchDistribution):
+    r"""A Markov chain of Gaussian Euler transitions on a grid, as one distribution.
 
-    .. math::
-
-        x_{k+1} = x_k + b(t_k, x_k)\, h_k + \sigma(t_k, x_k) \sqrt{h_k}\, \xi_k,
-        \qquad \xi_k \sim \mathcal{N}(0, I),\quad h_k = t_{k+1} - t_k,
-
-    for ``k = 0, ..., N - 1``, from ``x_0 = x0`` on ``times = (t_0, ..., t_N)``. The
-    value is the path ``(x_1, ..., x_N)``; its density is the product of the Gaussian
-    transitions, so :meth:`log_prob` is exact and evaluated on all steps at once.
-    :meth:`rsample` simulates the chain with torchsde and is reparameterised.
-
-    **Shapes.** ``event_shape = (N, D)`` (time left of state, as in
-    :class:`~pyro.distributions.GaussianHMM`). ``batch_shape`` is the leading shape of
-    ``x0`` broadcast with that of a tensor ``diffusion`` and with what the drift returns
-    on ``x0``; so a drift that closes over a batched global parameter (``theta`` of shape
-    ``(P, 1, 1)`` under vectorised particles and a plate) gets the right batch shape.
-    The drift sees ``x`` of shape ``sample_shape + batch_shape + (D,)`` with ``t`` 0-d
-    while simulating, and ``(N,) + sample_shape + batch_shape + (D,)`` with ``t`` of
-    shape ``(N, 1, ..., 1)`` in :meth:`log_prob`: the time axis is leftmost, so the same
-    broadcasting serves both.
-
-    Example::
-
-        def model(y):
-            theta = pyro.sample("theta", dist.LogNormal(0.0, 0.5))
-            path = pyro.sample(
-                "path",
-                LatentDiffusion(lambda t, x: -theta * x, 1.0, torch.zeros(1),
-                                torch.linspace(0, 1, 51)),
-            )
-            pyro.sample("y", dist.Normal(path[..., -1, :], 0.1).to_event(1), obs=y)
-
-    :param callable drift: ``drift(t, x)``, a callable or ``nn.Module`` returning a
-        tensor shaped like ``x``.
-    :param diffusion: positive float, positive tensor of shape ``(..., D)`` (diagonal),
-        or callable ``diffusion(t, x)`` returning a positive tensor shaped like ``x``.
-    :param torch.Tensor x0: initial state, shape ``batch_shape + (D,)``.
-    :param torch.Tensor times: 1-D strictly increasing grid of ``N + 1 >= 2`` points,
-        uniform or not, with the dtype and device of ``x0``.
-
-    References: Tzen & Raginsky (2019), *Neural stochastic differential equations: deep
-    latent Gaussian models in the diffusion limit*.
+    Subclasses give the coefficients of step ``k`` in two forms that must agree:
+    :meth:`step` ``(k, x)`` for simulation (``k`` a 0-d int64 tensor, ``x`` of shape
+    ``sample_shape + batch_shape + (D,)``) and :meth:`path_coefficients` for all steps
+    at once (time axis leftmost). Both return ``(drift, scale)`` with
+    ``x_{k+1} = x_k + drift h_k + scale sqrt(h_k) xi_k``; ``scale`` is shaped like
+    ``x`` (diagonal noise) or ``(..., D, M)`` (general noise). This base class writes
+    :meth:`rsample`, :meth:`log_prob` and :meth:`expand` once for every chain.
+    Subclasses set ``x0``, ``times``, ``noise_type`` and ``noise_dim`` and call
+    :meth:`_init_chain`.
     """
 
     arg_constraints = {"x0": constraints.real_vector}
     support = constraints.independent(constraints.real, 2)
     has_rsample = True
 
-    def __init__(
-        self,
-        drift: Callable[[Tensor, Tensor], Tensor],
-        diffusion: Diffusion,
-        x0: Tensor,
-        times: Tensor,
-        *,
-        validate_args: bool | None = None,
-    ):
-        check_times(times)
-        check_x0(x0, times)
-        if not callable(diffusion):
-            check_diffusion(diffusion, x0)
-        if not callable(drift):
-            raise TypeError(
-                f"Expected `drift` to be a callable drift(t, x), actual type {type(drift).__name__}"
-            )
-        t0 = times[0]
-        batch_shape = check_output("drift", drift(t0, x0), x0, positive=False)
-        if callable(diffusion):
-            shape = check_output("diffusion", diffusion(t0, x0), x0, positive=True)
-            batch_shape = torch.broadcast_shapes(batch_shape, shape)
-        elif isinstance(diffusion, Tensor):
-            batch_shape = torch.broadcast_shapes(batch_shape, diffusion.shape[:-1])
-        self.drift = drift
-        self.diffusion = diffusion
-        self.x0 = x0.expand(batch_shape + x0.shape[-1:])
-        self.times = times
-        event_shape = torch.Size((times.shape[0] - 1, x0.shape[-1]))
-        super().__init__(batch_shape, event_shape, validate_args=validate_args)
+    x0: Tensor
+    times: Tensor
+    noise_type: str
+    noise_dim: int
+
+    def _init_chain(self, batch_shape: torch.Size, validate_args) -> None:
+        self.x0 = self.x0.expand(batch_shape + self.x0.shape[-1:])
+        event_shape = torch.Size((self.times.shape[0] - 1, self.x0.shape[-1]))
+        TorchDistribution.__init__(self, batch_shape, event_shape, validate_args=validate_args)
 
     @property
     def num_steps(self) -> int:
@@ -108,14 +59,20 @@ class LatentDiffusion(TorchDistribution):
         """State dimension ``D``."""
         return self.event_shape[1]
 
+    def step(self, k: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(drift, scale)`` of step ``k`` at states ``x``."""
+        raise NotImplementedError
+
+    def path_coefficients(self, t: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+        """``(drift, scale)`` of every step at once: ``previous`` is
+        ``(N,) + batch + (D,)`` (the states ``x_0 .. x_{N-1}``), ``t`` is
+        ``times[:-1]`` shaped ``(N, 1, ..., 1)``."""
+        raise NotImplementedError
+
     def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(LatentDiffusion, _instance)
-        batch_shape = torch.Size(batch_shape)
-        new.drift = self.drift
-        new.diffusion = self.diffusion
-        new.x0 = self.x0.expand(batch_shape + self.x0.shape[-1:])
-        new.times = self.times
-        super(LatentDiffusion, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new = self._get_checked_instance(type(self), _instance)
+        new.__dict__.update(self.__dict__)
+        new._init_chain(torch.Size(batch_shape), validate_args=False)
         new._validate_args = self._validate_args
         return new
 
@@ -130,12 +87,7 @@ class LatentDiffusion(TorchDistribution):
             raise ValueError(f"Expected `sample_shape` of sizes >= 0, actual {sample_shape}")
         shape = self._extended_shape(sample_shape)[:-2]
         x0 = self.x0.expand(shape + self.x0.shape[-1:])
-        return _solve(self.drift, self.diffusion, x0, self.times)
-
-    def _scale(self, t: Tensor, x: Tensor, sqrt_steps: Tensor) -> Tensor:
-        if callable(self.diffusion):
-            return self.diffusion(t, x) * sqrt_steps
-        return torch.as_tensor(self.diffusion, dtype=x.dtype, device=x.device) * sqrt_steps
+        return simulate(self.step, x0, self.times, None, self.noise_type, self.noise_dim)
 
     def log_prob(self, value: Tensor) -> Tensor:
         if not isinstance(value, Tensor):
@@ -155,8 +107,118 @@ class LatentDiffusion(TorchDistribution):
         previous = torch.cat([x0.unsqueeze(0), value[:-1]], dim=0)
         steps = self.times.diff().reshape((-1,) + (1,) * (value.dim() - 1))
         t = self.times[:-1].reshape(steps.shape)
-        mean = previous + self.drift(t, previous) * steps
-        scale = self._scale(t, previous, steps.sqrt())
-        z = (value - mean) / scale
-        log_density = -0.5 * z.square() - scale.log() - _HALF_LOG_TWO_PI
-        return log_density.sum(-1).sum(0)
+        drift, scale = self.path_coefficients(t, previous)
+        return transition_log_prob(value, previous, drift, scale, steps, self.noise_type)
+
+
+class LatentDiffusion(EulerChain):
+    r"""The Euler–Maruyama path of an SDE on a time grid, as one Pyro sample site.
+
+    .. math::
+
+        x_{k+1} = x_k + b(t_k, x_k)\, h_k + \sigma(t_k, x_k) \sqrt{h_k}\, \xi_k,
+        \qquad \xi_k \sim \mathcal{N}(0, I),\quad h_k = t_{k+1} - t_k,
+
+    for ``k = 0, ..., N - 1``, from ``x_0 = x0`` on ``times = (t_0, ..., t_N)``. The
+    value is the path ``(x_1, ..., x_N)``; its density is the product of the Gaussian
+    transitions, so :meth:`log_prob` is exact and evaluated on all steps at once.
+    :meth:`rsample` simulates the chain with torchsde and is reparameterised.
+
+    **Noise.** With ``noise_type="diagonal"`` (default) ``sigma`` is shaped like
+    ``x`` and ``xi`` has ``D`` components. With ``noise_type="general"`` (torchsde's
+    name) ``sigma`` is a ``(..., D, M)`` matrix driven by ``M`` Brownian motions; the
+    transition covariance is ``sigma sigma^T h``, factorised by Cholesky in
+    :meth:`log_prob` (a singular one is an error naming the step).
+
+    **Shapes.** ``event_shape = (N, D)`` (time left of state, as in
+    :class:`~pyro.distributions.GaussianHMM`). ``batch_shape`` is the leading shape of
+    ``x0`` broadcast with that of a tensor ``diffusion`` and with what the drift returns
+    on ``x0``; so a drift that closes over a batched global parameter (``theta`` of shape
+    ``(P, 1, 1)`` under vectorised particles and a plate) gets the right batch shape.
+    The drift sees ``x`` of shape ``sample_shape + batch_shape + (D,)`` with ``t`` 0-d
+    while simulating, and ``(N,) + sample_shape + batch_shape + (D,)`` with ``t`` of
+    shape ``(N, 1, ..., 1)`` in :meth:`log_prob`: the time axis is leftmost, so the same
+    broadcasting serves both.
+
+    **Checks.** The arguments' contract (types, shapes, grid, dtype and device) is
+    checked once, at construction, by probing the drift and a callable diffusion on
+    ``x0``. Values are not a contract: a drift that is not finite (say, for an
+    extreme parameter value proposed by NUTS) makes :meth:`log_prob` non-finite, so
+    inference can reject it, as with Pyro's own distributions.
+
+    Example::
+
+        def model(y):
+            theta = pyro.sample("theta", dist.LogNormal(0.0, 0.5))
+            path = pyro.sample(
+                "path",
+                LatentDiffusion(lambda t, x: -theta * x, 1.0, torch.zeros(1),
+                                torch.linspace(0, 1, 51)),
+            )
+            pyro.sample("y", dist.Normal(path[..., -1, :], 0.1).to_event(1), obs=y)
+
+    :param callable drift: ``drift(t, x)``, a callable or ``nn.Module`` returning a
+        tensor shaped like ``x``.
+    :param diffusion: positive float, positive tensor of shape ``(..., D)`` (diagonal),
+        or callable ``diffusion(t, x)`` returning a positive tensor shaped like ``x``;
+        with general noise, a tensor or callable of shape ``(..., D, M)``.
+    :param torch.Tensor x0: initial state, shape ``batch_shape + (D,)``.
+    :param torch.Tensor times: 1-D strictly increasing grid of ``N + 1 >= 2`` points,
+        uniform or not, with the dtype and device of ``x0``.
+    :param str noise_type: ``"diagonal"`` (default) or ``"general"``.
+    :param bool validate_args: as for every Pyro distribution.
+
+    References: Tzen & Raginsky (2019), *Neural stochastic differential equations: deep
+    latent Gaussian models in the diffusion limit*.
+    """
+
+    def __init__(
+        self,
+        drift: Callable[[Tensor, Tensor], Tensor],
+        diffusion: Diffusion,
+        x0: Tensor,
+        times: Tensor,
+        *,
+        noise_type: str = "diagonal",
+        validate_args: bool | None = None,
+    ):
+        check_times(times)
+        check_x0(x0, times)
+        check_noise_type(noise_type)
+        general = noise_type == "general"
+        if not callable(diffusion):
+            check_diffusion(diffusion, x0, matrix=general)
+        if not callable(drift):
+            raise TypeError(
+                f"Expected `drift` to be a callable drift(t, x), actual type {type(drift).__name__}"
+            )
+        t0 = times[0]
+        batch_shape = check_output("drift", drift(t0, x0), x0, positive=False)
+        event_dims = NOISE_TYPES[noise_type]
+        if callable(diffusion):
+            probe = diffusion(t0, x0)
+            shape = check_output("diffusion", probe, x0, positive=not general, matrix=general)
+            batch_shape = torch.broadcast_shapes(batch_shape, shape)
+        else:
+            probe = torch.as_tensor(diffusion)
+            if isinstance(diffusion, Tensor):
+                batch_shape = torch.broadcast_shapes(batch_shape, diffusion.shape[:-event_dims])
+        self.drift = drift
+        self.diffusion = diffusion
+        self.noise_type = noise_type
+        self.noise_dim = probe.shape[-1] if general else x0.shape[-1]
+        self._diffusion_fn = constant_diffusion(diffusion, x0)
+        self.x0 = x0
+        self.times = times
+        self._init_chain(batch_shape, validate_args)
+
+    def step(self, k: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        t = at_step(self.times, k)
+        return self.drift(t, x), self._diffusion_fn(t, x)
+
+    def path_coefficients(self, t: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+        return self.drift(t, previous), self._diffusion_fn(t, previous)
+
+    def diffusion_at(self, t: Tensor, x: Tensor) -> Tensor:
+        """``sigma(t, x)`` whether ``diffusion`` is a constant or a callable."""
+        return self._diffusion_fn(t, x)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import check_ordered_pair, check_positive_int, check_widths
+from .sde import at_step
 
 __all__ = ["NeuralDrift"]
 
@@ -108,24 +109,25 @@ class NeuralDrift(nn.Module):
 
     def on_grid(
         self, times: Tensor, context: Tensor | None = None
-    ) -> Callable[[int, Tensor], Tensor]:
+    ) -> Callable[[Tensor, Tensor], Tensor]:
         """``c(times[k], x, context)`` as ``step(k, x)``, for one simulation on a grid.
 
         The time and context parts of the first layer are computed once for the whole
-        grid instead of at every Euler step; ``step(k, x)`` equals
+        grid instead of at every Euler step; ``step(k, x)``, with ``k`` a 0-d int64
+        tensor (the step index, found without a host synchronisation), equals
         ``self(times[k], x, context)``.
         """
         if self.context_dim and context is None:
             raise ValueError(f"Expected `context` of shape (..., {self.context_dim}), actual None")
-        rows: tuple = (None,) * times.shape[0]
+        rows = None
         if self.input_time is not None:
-            rows = self.input_time(self.time_features(times)).unbind(0)
+            rows = self.input_time(self.time_features(times))
         shift = None if not self.context_dim else self.input_context(context)
 
-        def step(k: int, x: Tensor) -> Tensor:
+        def step(k: Tensor, x: Tensor) -> Tensor:
             hidden = self.input_x(x)
-            if rows[k] is not None:
-                hidden = hidden + rows[k]
+            if rows is not None:
+                hidden = hidden + at_step(rows, k)
             if shift is not None:
                 hidden = hidden + shift
             return self.hidden(hidden)

@@ -1,11 +1,19 @@
-"""An autoguide for models with :class:`~pyro_latdiff.LatentDiffusion` sites."""
+"""An autoguide for models with :class:`~pyro_latdiff.LatentDiffusion` sites.
+
+Autoguide plumbing only: the prototype trace, plates, the context, the pre-pass that
+gives each path site its prior (with the guide's upstream values) and its observation
+terms, and the normal guide of the other latents. The path sites' chains are
+:class:`~pyro_latdiff.chain.ControlledChain` objects, guided by
+:mod:`pyro_latdiff.filter`.
+"""
 
 from __future__ import annotations
 
-import itertools
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from operator import attrgetter
 
 import pyro
 import pyro.distributions as dist
@@ -14,19 +22,23 @@ from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+from pyro.infer.autoguide.utils import deep_setattr
+from pyro.nn import PyroModule, PyroParam
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import get_plates
 from pyro.poutine.util import site_is_subsample
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributions import biject_to
 
 from ._validation import check_ordered_pair, check_positive_int, check_signature, check_widths
+from .chain import ChainParameters, Control, ControlledChain, TargetGradient
 from .distribution import LatentDiffusion
-from .drift import NeuralDrift
+from .filter import GuidedKernel, observation_terms
 
-__all__ = ["DiffusionGuide"]
+__all__ = ["DiffusionGuide", "latent_diffusion_of"]
 
-_instance_counter = itertools.count()
+# Guides alive in this process, by parameter-name prefix (see DiffusionGuide's `name`).
+_LIVE_GUIDES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def latent_diffusion_of(fn) -> LatentDiffusion | None:
@@ -69,15 +81,16 @@ class _PathDerivative(TorchDistribution):
 
 
 class _ReferencePaths(Messenger):
-    """Sets each path site to a constant reference path (no simulation) whose terminal
-    state is a leaf tensor, so the observation log-likelihood can be differentiated
-    with respect to the terminal state."""
+    """Sets each path site to a reference path (no simulation), by default the
+    constant initial state, as a leaf tensor, so the observation log-likelihood can be
+    differentiated with respect to every state."""
 
-    def __init__(self, names: set[str], batch_shape: torch.Size):
+    def __init__(self, names: set[str], batch_shape: torch.Size, references: dict):
         super().__init__()
         self.names = names
         self.batch_shape = batch_shape
-        self.terminals: dict[str, Tensor] = {}
+        self.references = references
+        self.paths: dict[str, Tensor] = {}
         self.fns: dict[str, LatentDiffusion] = {}
 
     def _pyro_sample(self, msg):
@@ -85,16 +98,11 @@ class _ReferencePaths(Messenger):
             return
         fn = latent_diffusion_of(msg["fn"])
         batch = torch.broadcast_shapes(msg["fn"].batch_shape, self.batch_shape)
-        x0 = fn.x0.detach().expand(batch + fn.x0.shape[-1:])
-        terminal = x0.clone().requires_grad_()
-        path = torch.cat(
-            [
-                x0.unsqueeze(-2).expand(batch + (fn.num_steps - 1, fn.state_dim)),
-                terminal.unsqueeze(-2),
-            ],
-            dim=-2,
-        )
-        self.terminals[msg["name"]] = terminal
+        reference = self.references.get(msg["name"])
+        if reference is None:
+            reference = fn.x0.detach().unsqueeze(-2)
+        path = reference.detach().expand(batch + fn.event_shape).clone().requires_grad_()
+        self.paths[msg["name"]] = path
         self.fns[msg["name"]] = fn
         msg["value"] = path
         msg["is_observed"] = True
@@ -140,154 +148,55 @@ def _auto_context(path_site: dict, trace, path_names: set[str]) -> list[Tensor]:
     return pieces
 
 
-class _StepNet(nn.Module):
-    """The learned parts of one path site's guide chain.
+def _detached_net(net):
+    """``net`` with its parameters detached, as a function ``(t, x, context)``."""
+    detached = {k: v.detach() for k, v in net.named_parameters()}
 
-    ``net`` outputs a control and a log-scale correction; ``tables`` holds, per step
-    ``k`` and state dimension, the bridge gain ``alpha``, a linear gain ``gamma``, an
-    offset ``delta`` and a log-scale ``beta``. Everything starts at zero.
-    """
+    def call(t, x, context):
+        return torch.func.functional_call(net, detached, (t, x, context))
 
-    def __init__(
-        self,
-        num_steps: int,
-        state_dim: int,
-        context_dim: int,
-        time_span,
-        hidden_dims: Sequence[int],
-        num_frequencies: int,
-        dtype: torch.dtype,
-    ):
-        super().__init__()
-        self.net = NeuralDrift(
-            state_dim,
-            context_dim=context_dim,
-            out_dim=2 * state_dim,
-            hidden_dims=hidden_dims,
-            num_frequencies=num_frequencies,
-            time_span=time_span,
-        ).to(dtype)
-        self.tables = nn.Parameter(torch.zeros(num_steps, 4, state_dim, dtype=dtype))
-
-
-class _ControlledChain:
-    """Drift and diffusion of the guide's chain for one path site.
-
-    u(t, x) = b(t, x) + sigma(t, x) * c(t, x),  c = net + alpha_k * sigma * g(x)
-              + gamma_k * x + delta_k,
-    s(t, x) = sigma(t, x) * exp(beta_k + net_scale),
-
-    with ``g(x)`` the gradient of the observation log-likelihood at the terminal state
-    set to ``x``, linearised around the reference path. One evaluation serves both
-    the drift and the diffusion of a step (torchsde and ``log_prob`` ask for both at
-    the same ``(t, x)``).
-    """
-
-    def __init__(
-        self,
-        prior: LatentDiffusion,
-        net: Callable,
-        tables: Tensor,
-        context: Tensor | None,
-        bridge: tuple | None,
-        bounds: tuple[float, float] | None = None,
-    ):
-        self.prior = prior
-        self.bounds = bounds
-        self.clamped: Tensor | int = 0  # simulated states that left the box
-        self.net = net
-        self.tables = tables
-        self.context = context
-        self.bridge = None
-        if bridge is not None:  # g(x) = grad + H (x - reference) = offset + H x
-            grad, hessian, reference = bridge
-            self.bridge = (grad - (hessian @ reference.unsqueeze(-1)).squeeze(-1), hessian)
-        sigma = prior.diffusion
-        self.sigma = (
-            None
-            if callable(sigma)
-            else torch.as_tensor(sigma, dtype=prior.x0.dtype, device=prior.x0.device)
-        )
-        # Simulation calls come one grid time at a time: look the step up by value.
-        self._step_of_time = {t: k for k, t in enumerate(prior.times[:-1].tolist())}
-        # A NeuralDrift computes its time and context inputs once for the whole grid.
-        self._grid_net = (
-            net.on_grid(prior.times[:-1], context) if isinstance(net, NeuralDrift) else None
-        )
-        self._rows: tuple[Tensor, ...] | None = None
-        self._cache: tuple = (None, None, None)
-
-    def _step_tables(self, t: Tensor, k: int | None) -> Tensor:
-        """The tables of step ``k`` (``t`` 0-d), ``(4, D)``; else the whole grid laid
-        out as ``(N, 1, ..., 1, 4, D)`` for ``t`` of shape ``(N, 1, ..., 1)``."""
-        if k is not None:
-            if self._rows is None:
-                self._rows = self.tables.unbind(0)
-            return self._rows[k]
-        ones = (1,) * (t.dim() - 2)
-        return self.tables.reshape(self.tables.shape[:1] + ones + self.tables.shape[1:])
-
-    def evaluate(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self._cache[0] is t and self._cache[1] is x:
-            return self._cache[2]
-        state = x
-        if self.bounds is not None:  # the chain's own functions see the state in the box
-            x = x.clamp(*self.bounds)
-            if t.dim() == 0:  # a simulation step (log_prob re-evaluates the same states)
-                self.clamped = self.clamped + (x != state).sum()
-        sigma = self.prior.diffusion(t, x) if self.sigma is None else self.sigma
-        k = self._step_of_time[t.item()] if t.dim() == 0 else None
-        if k is not None and self._grid_net is not None:
-            out = self._grid_net(k, x)
-        else:
-            out = self.net(t, x, self.context)
-        control, log_scale = out.chunk(2, dim=-1)
-        alpha, gamma, delta, beta = self._step_tables(t, k).unbind(-2)
-        control = control + gamma * x + delta
-        if self.bridge is not None:
-            offset, hessian = self.bridge
-            g = offset + (hessian @ x.unsqueeze(-1)).squeeze(-1)
-            control = control + alpha * sigma * g
-        result = (self.prior.drift(t, x) + sigma * control, sigma * torch.exp(beta + log_scale))
-        self._cache = (t, state, result)
-        return result
-
-    def drift(self, t: Tensor, x: Tensor) -> Tensor:
-        return self.evaluate(t, x)[0]
-
-    def diffusion(self, t: Tensor, x: Tensor) -> Tensor:
-        return self.evaluate(t, x)[1]
+    return call
 
 
 class DiffusionGuide(AutoGuide):
     r"""Autoguide for models with :class:`~pyro_latdiff.LatentDiffusion` sites.
 
-    Each path site gets a controlled Euler chain on the model's grid,
+    Each path site gets a controlled Euler chain on the model's grid
+    (:class:`~pyro_latdiff.chain.ControlledChain`),
 
     .. math::
 
-        x_{k+1} = x_k + \big(b(t_k, x_k) + \sigma(t_k, x_k)\, c_k(x_k)\big) h_k
-                  + \sigma(t_k, x_k)\, s_k(x_k) \sqrt{h_k}\, \xi_k,
+        x_{k+1} = x_k + \big(\bar b_k(x_k) + S_k(x_k)\, c_k(x_k)\big) h_k
+                  + e^{\lambda_k(x_k)} S_k(x_k) \sqrt{h_k}\, \xi_k,
 
-    whose drift is the model's own ``b`` (re-evaluated with the guide's values of the
-    upstream latents, so a path follows a sampled global parameter) plus ``sigma``
-    times a learned control ``c``, and whose noise is scaled by a learned factor ``s``.
-    ``c`` is a :class:`~pyro_latdiff.NeuralDrift` of ``(t, x, context)`` plus per-step
-    terms: a bridge term ``alpha_k sigma grad_x log p(obs | x_N = x)`` (the gradient of
-    the observation log-likelihood at the current state, as in modified diffusion
-    bridges and the path-integral sampler's drift), and ``gamma_k x + delta_k``;
-    ``log s = beta_k + net``. With a linear-Gaussian model these per-step Gaussian
-    transitions can represent the discrete posterior chain exactly, which a drift-only
-    guide cannot when the observation is sharp. Everything starts at zero: at
-    initialisation the guide's path law is the prior's.
+    whose base kernel :math:`(\bar b, S)` is, with guidance (default), the model's own
+    Euler kernel (re-evaluated with the guide's values of the upstream latents, so a
+    path follows a sampled global parameter) tilted by a backward information filter
+    that sees **every observation of the path, at any time**
+    (:mod:`pyro_latdiff.filter`: the drift is linearised around a reference path and
+    each observation's log-likelihood expanded to second order in its state). For a
+    linear-Gaussian model this is exactly the posterior chain, before any training;
+    for one terminal observation it is a modified diffusion bridge. On top, a learned
+    control ``c`` (a :class:`~pyro_latdiff.NeuralDrift` of ``(t, x, context)`` plus
+    per-step terms ``linear_gain_k x + offset_k``) and a learned log-scale ``lambda``
+    (network plus ``log_scale_k``) correct what the linearisation misses; they start
+    at zero. The drift is linearised around the initial state, then, ``relinearise``
+    times unless the drift is affine along it, around the noise-free path of the
+    guided kernel itself (the observations are re-expanded there too).
 
     The context is, by default, the values of the other sites that share the path's
     plates: its observations (one network then serves a plate of independent series)
     and the guide's values of the other latents (so the control can follow a global
-    parameter); ``context`` overrides it
-    with a callable ``context(*args, **kwargs)`` returning ``batch_shape + (C,)``, or
-    ``None`` for no context. Other latent sites get a mean-field normal guide in
-    unconstrained space, as :class:`~pyro.infer.autoguide.AutoNormal`.
+    parameter); ``context`` overrides it with a callable ``context(*args, **kwargs)``
+    returning ``batch_shape + (C,)``, or ``None`` for no context. Other latent sites
+    get a mean-field normal guide in unconstrained space, as
+    :class:`~pyro.infer.autoguide.AutoNormal` (subsampled plates included), or, with
+    ``latent_guide``, one joint Pyro autoguide (e.g.
+    :class:`~pyro.infer.autoguide.AutoMultivariateNormal`,
+    :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal`,
+    :class:`~pyro.infer.autoguide.AutoIAFNormal`): the parameters of a drift and of a
+    diffusion are typically correlated a posteriori. The paths always follow the
+    sampled values.
 
     With ``path_derivative=True`` (default) the guide's log-density is scored with its
     parameters detached: the path-derivative gradient, unbiased and lower-variance
@@ -304,7 +213,10 @@ class DiffusionGuide(AutoGuide):
     :param hidden_dims: hidden widths of the control network.
     :param int num_frequencies: Fourier time frequencies of the control network.
     :param context: ``"auto"``, ``None`` or a callable ``context(*args, **kwargs)``.
-    :param bool bridge: use the observation-gradient bridge term.
+    :param bool bridge: guide every path by the backward filter of its observations
+        (default); ``False`` for the model's own kernel plus the learned terms only.
+    :param int relinearise: how many times the guided kernel may be rebuilt around its
+        own noise-free path (0: linearise around the initial state only).
     :param bool path_derivative: score with detached parameters (see above).
     :param state_bounds: ``(low, high)``: the guide chain's drift and diffusion see the
         state clamped into this box, so a path that strays far cannot blow up the
@@ -312,16 +224,30 @@ class DiffusionGuide(AutoGuide):
         uses the same clamped functions), so the ELBO and importance weights stay
         valid. Simulated states that left the box are counted in ``num_clamped``, and
         :func:`~pyro_latdiff.fit` reports them.
+    :param callable target: ``log_target(x)`` of the terminal state: adds the
+        target-aware term ``target_gain_k * clip(grad log_target(x))`` at the current
+        state to the control of every path (for samplers of unnormalised targets,
+        :mod:`pyro_latdiff.sampling`).
+    :param float target_clip: the clip of that gradient.
+    :param callable latent_guide: an autoguide class or factory ``latent_guide(model)``
+        for all latents that are not paths (the model is given with the paths hidden),
+        e.g. ``AutoMultivariateNormal`` or
+        ``functools.partial(AutoLowRankMultivariateNormal, rank=2)``.
     :param callable init_loc_fn: initialisation of the non-path latent sites.
     :param float init_scale: initial scale of the non-path latent sites.
     :param callable create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`.
-    :param str name: prefix of the guide's parameter names in Pyro's parameter store;
-        unique per instance by default. Give one to reload saved parameters into a new
-        guide (e.g. to resume a fit in the same process).
+    :param str name: prefix of the guide's parameter names in Pyro's parameter store,
+        ``"DiffusionGuide"`` by default (names below it come from the module tree, as
+        in Pyro's autoguides). A guide without a ``name`` takes the first of
+        ``"DiffusionGuide"``, ``"DiffusionGuide_1"``, ... that no live guide and no
+        parameter in the store uses, so two guides never share parameters by accident
+        and, with a cleared store, the name does not depend on how many guides were
+        built before. Give a ``name`` to reload saved parameters into a new guide.
 
-    References: Tzen & Raginsky (2019); Whitaker, Golightly, Boys & Sherlock (2017),
-    *Improved bridge constructs for stochastic differential equations*; Zhang & Chen
-    (2022), *Path integral sampler*; Roeder, Wu & Duvenaud (2017).
+    References: Tzen & Raginsky (2019); Schauer, van der Meulen & van Zanten (2017),
+    *Guided proposals for simulating multi-dimensional diffusion bridges*; Mider,
+    Schauer & van der Meulen (2021), *Continuous-discrete smoothing of diffusions*;
+    Zhang & Chen (2022), *Path integral sampler*; Roeder, Wu & Duvenaud (2017).
     """
 
     def __init__(
@@ -332,8 +258,12 @@ class DiffusionGuide(AutoGuide):
         num_frequencies: int = 4,
         context: str | Callable | None = "auto",
         bridge: bool = True,
+        relinearise: int = 1,
         path_derivative: bool = True,
         state_bounds: tuple[float, float] | None = None,
+        target: Callable[[Tensor], Tensor] | None = None,
+        target_clip: float = 1e2,
+        latent_guide: Callable[[Callable], AutoGuide] | None = None,
         init_loc_fn: Callable = init_to_feasible,
         init_scale: float = 0.1,
         create_plates: Callable | None = None,
@@ -348,6 +278,7 @@ class DiffusionGuide(AutoGuide):
             )
         check_widths(hidden_dims)
         check_positive_int("num_frequencies", num_frequencies, minimum=0)
+        check_positive_int("relinearise", relinearise, minimum=0)
         for flag, value in (("bridge", bridge), ("path_derivative", path_derivative)):
             if not isinstance(value, bool):
                 raise TypeError(f"Expected `{flag}` to be a bool, actual {value!r}")
@@ -357,38 +288,60 @@ class DiffusionGuide(AutoGuide):
             raise TypeError(
                 f"Expected `create_plates` to be callable or None, actual {create_plates!r}"
             )
-        if (
-            isinstance(init_scale, bool)
-            or not isinstance(init_scale, (int, float))
-            or not math.isfinite(init_scale)
-            or not init_scale > 0
-        ):
-            raise ValueError(f"Expected `init_scale` to be a positive float, actual {init_scale!r}")
+        if latent_guide is not None and not callable(latent_guide):
+            raise TypeError(
+                "Expected `latent_guide` to be an autoguide class or factory, e.g. "
+                f"AutoMultivariateNormal, actual {latent_guide!r}"
+            )
+        if target is not None and not callable(target):
+            raise TypeError(
+                f"Expected `target` to be a callable log_target(x) or None, actual {target!r}"
+            )
+        for what, value in (("init_scale", init_scale), ("target_clip", target_clip)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not value > 0
+            ):
+                raise ValueError(f"Expected `{what}` to be a positive float, actual {value!r}")
+        if name is not None and (not isinstance(name, str) or not name or "$$$" in name):
+            raise ValueError(f"Expected `name` to be a non-empty str, actual {name!r}")
         self.hidden_dims = tuple(hidden_dims)
         self.num_frequencies = num_frequencies
         self.context = context
         self.bridge = bridge
+        self.relinearise = relinearise
         self.state_bounds = (
             None if state_bounds is None else check_ordered_pair("state_bounds", state_bounds)
         )
+        self.target = None if target is None else TargetGradient(target, float(target_clip))
+        self._latent_guide_factory = latent_guide
         self.num_clamped = 0
         self.path_derivative = path_derivative
         self.init_loc_fn = init_loc_fn
         self.init_scale = float(init_scale)
         self._unwrapped_model = (model,)  # a tuple: a model that is an nn.Module stays out
-        if name is None:
-            # Unique parameter names: a second guide in one process must not share the
-            # first one's parameters.
-            index = next(_instance_counter)
-            name = "DiffusionGuide" if index == 0 else f"DiffusionGuide_{index}"
-        elif not isinstance(name, str) or not name or "$$$" in name:
-            raise ValueError(f"Expected `name` to be a non-empty str, actual {name!r}")
-        self._pyro_name = name
+        self._requested_name = name
+        self._claim_name()
 
     @staticmethod
     def _prototype_hide_fn(msg):
         # Keep observed sites too: they are the default context.
         return msg["type"] != "sample" or site_is_subsample(msg)
+
+    def _claim_name(self) -> None:
+        """The parameter-name prefix (see ``name``), chosen when the guide is built, while
+        a guide it replaces (``guide = DiffusionGuide(model)`` run twice) is alive."""
+        name = self._requested_name
+        if name is None:
+            taken = {key.split(".", 1)[0] for key in pyro.get_param_store().keys()}
+            name, index = "DiffusionGuide", 0
+            while _LIVE_GUIDES.get(name) not in (None, self) or name in taken:
+                index += 1
+                name = f"DiffusionGuide_{index}"
+        self._pyro_name = name
+        _LIVE_GUIDES[name] = self
 
     def _setup_prototype(self, *args, **kwargs):
         check_signature("model", self._unwrapped_model[0], args, kwargs)
@@ -397,8 +350,12 @@ class DiffusionGuide(AutoGuide):
         self._normal_sites: list[str] = []
         self._event_dims: dict[str, int] = {}
         self._frames: dict[str, list] = {}
-        self._init_normal: dict[str, tuple[Tensor, Tensor]] = {}
-        self.step_nets = nn.ModuleDict()
+        self._site_batch: dict[str, torch.Size] = {}
+        self._coupling_checked: set[str] = set()
+        self._model_has_params = self._find_model_params(*args, **kwargs)
+        self.chains = PyroModule()
+        self.locs = PyroModule()
+        self.log_scales = PyroModule()
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             self._frames[name] = [f for f in site["cond_indep_stack"] if f.vectorized]
             if latent_diffusion_of(site["fn"]) is not None:
@@ -408,46 +365,70 @@ class DiffusionGuide(AutoGuide):
                     f"DiffusionGuide: expected continuous latent sites, actual discrete site "
                     f"'{name}' ({type(site['fn']).__name__}); enumerate it out in the model"
                 )
-            else:
+            elif self._latent_guide_factory is None:
                 self._setup_normal_site(name, site)
         if not self._path_sites:
             raise ValueError(
                 "DiffusionGuide: expected a model with at least one LatentDiffusion site, "
                 f"actual latent sites {list(self._frames)}"
             )
+        if self._latent_guide_factory is not None:  # one joint guide of the other latents
+            blocked = poutine.block(self._unwrapped_model[0], hide=self._path_sites)
+            self.latents = self._latent_guide_factory(blocked)
         for name in self._path_sites:
             site = self.prototype_trace.nodes[name]
             fn = latent_diffusion_of(site["fn"])
             context = self._context(name, self.prototype_trace, args, kwargs, fn.x0)
             times = fn.times
-            self.step_nets[self._key(name)] = _StepNet(
+            batch = site["fn"].batch_shape
+            self._site_batch[name] = batch
+            parameters = ChainParameters(
                 fn.num_steps,
                 fn.state_dim,
                 0 if context is None else context.shape[-1],
                 (times[0].item(), times[-1].item()),
                 self.hidden_dims,
                 self.num_frequencies,
-                fn.x0.dtype,
-            ).to(fn.x0.device)
+                self.target is not None,
+                fn.x0,
+            )
+            deep_setattr(self.chains, name, parameters)
 
-    @staticmethod
-    def _key(name: str) -> str:
-        return name.replace(".", "__")
+    def _check_prototype(self, part_trace) -> None:
+        """A ``latent_guide`` (a part of this guide, as in AutoGuideList) must see the
+        latent sites as this guide does."""
+        for name, part_site in part_trace.iter_stochastic_nodes():
+            site = self.prototype_trace.nodes[name]
+            if part_site["fn"].batch_shape != site["fn"].batch_shape or (
+                part_site["value"].shape != site["value"].shape
+            ):
+                raise ValueError(
+                    f"DiffusionGuide: expected latent_guide to see site '{name}' as the model "
+                    f"does, shape {tuple(site['value'].shape)}, actual "
+                    f"{tuple(part_site['value'].shape)}"
+                )
+
+    def _find_model_params(self, *args, **kwargs) -> bool:
+        """Whether the model has parameters of its own (``pyro.param``, ``PyroModule``)."""
+        with poutine.block(), torch.no_grad():
+            trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+        return any(site["type"] == "param" for site in trace.nodes.values())
 
     def _setup_normal_site(self, name: str, site: dict) -> None:
         value = site["value"].detach()
         init_loc = biject_to(site["fn"].support).inv(value).detach()
         event_dim = site["fn"].event_dim + init_loc.dim() - value.dim()
         self._event_dims[name] = event_dim
-        for frame in site["cond_indep_stack"]:
+        for frame in site["cond_indep_stack"]:  # subsampled: parameters for every member
             full_size = frame.full_size or frame.size
             if full_size != frame.size:
-                raise NotImplementedError(
-                    f"DiffusionGuide: subsampled plate '{frame.name}' around site '{name}' "
-                    "is not supported yet"
-                )
+                dim = frame.dim - event_dim
+                init_loc = pyro.ops.tensor_utils.periodic_repeat(init_loc, full_size, dim)
+                init_loc = init_loc.contiguous()
         self._normal_sites.append(name)
-        self._init_normal[name] = (init_loc, torch.full_like(init_loc, self.init_scale).log())
+        init_log_scale = torch.full_like(init_loc, self.init_scale).log()
+        deep_setattr(self.locs, name, PyroParam(init_loc, constraints.real, event_dim))
+        deep_setattr(self.log_scales, name, PyroParam(init_log_scale, constraints.real, event_dim))
 
     def _context(self, name, trace, args, kwargs, like: Tensor) -> Tensor | None:
         if self.context is None:
@@ -463,12 +444,9 @@ class DiffusionGuide(AutoGuide):
         return torch.cat([p.expand(batch + p.shape[-1:]) for p in pieces], dim=-1)
 
     def _normal_distribution(self, name: str) -> TorchDistribution:
-        init_loc, init_log_scale = self._init_normal[name]
         event_dim = self._event_dims[name]
-        loc = pyro.param(f"{self._pyro_name}.locs.{name}", init_loc, event_dim=event_dim)
-        log_scale = pyro.param(
-            f"{self._pyro_name}.log_scales.{name}", init_log_scale, event_dim=event_dim
-        )
+        loc = attrgetter(name)(self.locs)
+        log_scale = attrgetter(name)(self.log_scales)
         support = self.prototype_trace.nodes[name]["fn"].support
         transform = biject_to(support).with_cache(1)
 
@@ -484,77 +462,103 @@ class DiffusionGuide(AutoGuide):
         """Run the model with the guide's values so far (other latents, earlier paths)
         and reference paths for the paths not yet drawn, without simulating: gives the
         path site's prior (with the guide's upstream values), its context, and the
-        observation gradient at its terminal state."""
+        guided kernel of its observations."""
+        # The kernel is differentiated only where gradients can flow: to the guide's
+        # upstream values (globals, earlier paths) or to the model's parameters.
+        upstream = any(isinstance(v, Tensor) and v.requires_grad for v in values.values())
+        graph = torch.is_grad_enabled() and (upstream or self._model_has_params)
+        trace, prior, kernel = self._reference_pass(site, values, None, graph, args, kwargs)
+        for _ in range(self.relinearise if kernel is not None else 0):
+            with torch.no_grad():
+                if kernel.drift_is_affine(prior):
+                    break
+                mean = kernel.mean_path(prior)
+            trace, prior, kernel = self._reference_pass(site, values, mean, graph, args, kwargs)
+        return trace, prior, kernel
+
+    def _reference_pass(self, site, values, reference, create_graph, args, kwargs):
         remaining = set(self._path_sites) - set(values)
-        reference = _ReferencePaths(remaining, _outer_batch_shape())
+        paths = _ReferencePaths(remaining, _outer_batch_shape(), {site: reference})
         model = poutine.condition(self._unwrapped_model[0], data=values)
         with poutine.block(), torch.enable_grad():
-            trace = poutine.trace(reference(model)).get_trace(*args, **kwargs)
-            bridge = None
-            if self.bridge:
-                # Observations and the guide's values of other latents; not the paths
-                # (earlier ones do not depend on this one, later ones are references).
-                paths = set(self._path_sites)
-                trace.compute_log_prob(site_filter=lambda n, s: s["is_observed"] and n not in paths)
-                log_lik = sum(s["log_prob"].sum() for s in trace.nodes.values() if "log_prob" in s)
-                bridge = self._linearise(log_lik, reference.terminals[site])
-        return trace, reference.fns[site], bridge
+            trace = poutine.trace(paths(model)).get_trace(*args, **kwargs)
+        self._check_batch_rank(site, trace.nodes[site]["fn"])
+        prior = paths.fns[site]
+        with torch.enable_grad():
+            if not self.bridge:
+                return trace, prior, None
+            # Observations and the guide's values of other latents; not the paths
+            # (earlier ones do not depend on this one, later ones are references).
+            names = set(self._path_sites)
+            trace.compute_log_prob(site_filter=lambda n, s: s["is_observed"] and n not in names)
+            log_lik = sum(s["log_prob"].sum() for s in trace.nodes.values() if "log_prob" in s)
+            check = site not in self._coupling_checked
+            terms = observation_terms(log_lik, paths.paths[site], create_graph, check)
+            self._coupling_checked.add(site)
+            if terms is None:
+                return trace, prior, None
+            kernel = GuidedKernel.from_observations(prior, paths.paths[site], terms, create_graph)
+        return trace, prior, kernel
 
-    @staticmethod
-    def _linearise(log_lik, terminal: Tensor):
-        """Gradient and Hessian of the log-likelihood in the terminal state (each path
-        separately: paths are independent across the batch)."""
-        if not isinstance(log_lik, Tensor) or not log_lik.requires_grad:
-            return None
-        (grad,) = torch.autograd.grad(log_lik, terminal, create_graph=True, allow_unused=True)
-        if grad is None:
-            return None
-        rows = []
-        for i in range(terminal.shape[-1]):
-            (row,) = torch.autograd.grad(
-                grad[..., i].sum(),
-                terminal,
-                create_graph=True,
-                retain_graph=True,
-                allow_unused=True,
-            )
-            rows.append(torch.zeros_like(terminal) if row is None else row)
-        return grad, torch.stack(rows, dim=-2), terminal.detach()
-
-    def _path_distribution(self, name: str, trace, prior, bridge, args, kwargs):
-        step_net = self.step_nets[self._key(name)]
-        if prior.num_steps != step_net.tables.shape[0]:
+    def _check_batch_rank(self, site: str, fn) -> None:
+        """A path whose batch shape has more dimensions than its plates (and the plates
+        around the guide, e.g. vectorised particles) is a silent cross product under
+        Pyro's ELBOs: the ELBO is wrong and memory grows with the square of the particle
+        count. Raise instead."""
+        frames = self._frames[site] + [f for f in get_plates() if f.vectorized and f.dim]
+        # (called outside poutine.block, which hides the enclosing plates)
+        allowed = max((-f.dim for f in frames), default=0)
+        shape = fn.batch_shape
+        extra = shape[: max(0, len(shape) - allowed)]
+        if any(size > 1 for size in extra):
             raise ValueError(
-                f"DiffusionGuide: expected site '{name}' on the grid of {step_net.tables.shape[0]}"
+                f"Expected site '{site}' to have a batch shape of at most {allowed} dimensions "
+                f"(its plates {[f.name for f in frames]} at dims {[f.dim for f in frames]}), "
+                f"actual batch shape {tuple(shape)}: its drift or diffusion broadcasts a "
+                "parameter into extra dimensions (e.g. theta[..., None, None] * x for a "
+                "global theta), which makes Pyro's ELBO a cross product; index parameters "
+                "so that they broadcast from the right (e.g. theta.unsqueeze(-1) * x)"
+            )
+
+    def _control(self, parameters: ChainParameters, detach: bool, times, context) -> Control:
+        # A plain nn.Module below a PyroModule is registered with pyro.module, which keeps
+        # the module's own tensors; reading them back from the parameter store makes a
+        # restored store (a resumed fit, a loaded checkpoint) take effect.
+        net = parameters.net
+        if not detach:
+            net = pyro.module(f"{parameters._pyro_name}.net", net, update_module_params=True)
+        tables = [parameters.linear_gain, parameters.offset, parameters.log_scale]
+        target_gain = parameters.target_gain if self.target is not None else None
+        if detach:
+            net = _detached_net(net)
+            tables = [t.detach() for t in tables]
+            target_gain = None if target_gain is None else target_gain.detach()
+        return Control(net, *tables, times, context, self.target, target_gain)
+
+    def _path_distribution(self, name: str, trace, prior, kernel, args, kwargs):
+        parameters = attrgetter(name)(self.chains)
+        expected_steps = parameters.linear_gain.shape[0]
+        if prior.num_steps != expected_steps:
+            raise ValueError(
+                f"DiffusionGuide: expected site '{name}' on the grid of {expected_steps}"
                 f" steps the guide was built for, actual {prior.num_steps} steps; the guide's "
                 "per-step terms belong to one grid: build a new guide for a new grid"
             )
         context = self._context(name, trace, args, kwargs, prior.x0)
-        expected = step_net.net.context_dim
+        expected = parameters.net.context_dim
         if (0 if context is None else context.shape[-1]) != expected:
             raise ValueError(
                 f"DiffusionGuide: expected a context of {expected} features for site '{name}' "
                 f"(as when the guide was built), actual "
                 f"{0 if context is None else context.shape[-1]}"
             )
-
-        def chain(net, tables):
-            controlled = _ControlledChain(prior, net, tables, context, bridge, self.state_bounds)
-            fn = LatentDiffusion(
-                controlled.drift, controlled.diffusion, prior.x0, prior.times, validate_args=False
-            )
-            return fn, controlled
-
-        fn, controlled = chain(step_net.net, step_net.tables)
-        controlled.clamped = 0  # the probe at construction is no simulation step
-        if self.path_derivative:
-            detached = {k: v.detach() for k, v in step_net.net.named_parameters()}
-
-            def detached_net(t, x, context):
-                return torch.func.functional_call(step_net.net, detached, (t, x, context))
-
-            fn = _PathDerivative(fn, chain(detached_net, step_net.tables.detach())[0])
-        return fn, controlled
+        control = self._control(parameters, False, prior.times, context)
+        chain = ControlledChain(prior, control, kernel, self.state_bounds)
+        if not self.path_derivative:
+            return chain, chain
+        detached = self._control(parameters, True, prior.times, context)
+        score = ControlledChain(prior, detached, kernel, self.state_bounds)
+        return _PathDerivative(chain, score), chain
 
     def _plate_stack(self, name: str, plates: dict) -> ExitStack:
         stack = ExitStack()
@@ -566,21 +570,41 @@ class DiffusionGuide(AutoGuide):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
-        pyro.module(f"{self._pyro_name}.step_nets", self.step_nets, update_module_params=True)
         values: dict[str, Tensor] = {}
+        if self._latent_guide_factory is not None:
+            values.update(self.latents(*args, **kwargs))
         for name in self._normal_sites:
             with self._plate_stack(name, plates):
                 values[name] = pyro.sample(name, self._normal_distribution(name))
         for name in self._path_sites:  # in model order: a later path may start from an earlier
-            trace, prior, bridge = self._prepass(name, values, args, kwargs)
-            fn, controlled = self._path_distribution(name, trace, prior, bridge, args, kwargs)
+            trace, prior, kernel = self._prepass(name, values, args, kwargs)
+            fn, chain = self._path_distribution(name, trace, prior, kernel, args, kwargs)
             with self._plate_stack(name, plates):
                 values[name] = pyro.sample(name, fn)
             if self.state_bounds is not None:
-                self.num_clamped += int(controlled.clamped)
+                self.num_clamped += int(chain.num_clamped)
         return values
+
+    def fit_counters(self) -> dict[str, int]:
+        """Running counts that :func:`~pyro_latdiff.fit` shows and reports: the
+        simulated states that left ``state_bounds``."""
+        return {"clamped": self.num_clamped} if self.state_bounds is not None else {}
+
+    def fit_warning(self, counts: dict[str, int], num_steps: int) -> str | None:
+        """What :func:`~pyro_latdiff.fit` should warn about, given the counts of a run."""
+        clamped = counts.get("clamped", 0)
+        if not clamped:
+            return None
+        return (
+            f"fit: {clamped} simulated guide states left the guide's state_bounds "
+            f"{self.state_bounds} over {num_steps} steps and its drift saw them "
+            "clamped (the ELBO stays valid); widen the box if this is not rare"
+        )
 
     @torch.no_grad()
     def median(self, *args, **kwargs) -> dict[str, Tensor]:
         """Not defined for path sites; use :class:`~pyro.infer.Predictive` samples."""
         raise NotImplementedError("DiffusionGuide has no closed-form median; draw samples")
+
+
+_GUIDED_PROPOSALS = True

@@ -19,45 +19,11 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._validation import check_positive_int, check_signature
+from ._traces import guide_and_model_traces, resolve_max_plate_nesting
+from ._validation import check_model_and_guide, check_positive_int, chunk_size_or_default
 from ._warnings import LatentDiffusionWarning
 
-__all__ = ["FitDivergedError", "default_optim", "fit", "log_evidence"]
-
-
-def _check_model_and_guide(model, guide, args, kwargs) -> None:
-    for name, value in (("model", model), ("guide", guide)):
-        check_signature(name, value, args, kwargs)
-
-
-def _guide_and_model_traces(model: Callable, guide: Callable, args, kwargs):
-    """One run of ``guide`` and of ``model`` replayed on it, hidden from any enclosing
-    handler and without gradients."""
-    with poutine.block(), torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    return guide_trace, model_trace
-
-
-def _plate_nesting(*traces) -> int:
-    """The deepest vectorised plate dimension of the sample sites in ``traces``."""
-    dims = [
-        -frame.dim
-        for trace in traces
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return max(dims, default=0)
-
-
-def _guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -> int:
-    """The deepest plate dimension used by ``model`` and ``guide``, found by tracing
-    both once (as :class:`~pyro.infer.ELBO` does when not told)."""
-    return _plate_nesting(*_guide_and_model_traces(model, guide, args, kwargs))
+__all__ = ["FitDivergedError", "default_optim", "effective_sample_size", "fit", "log_evidence"]
 
 
 def log_evidence(
@@ -79,7 +45,8 @@ def log_evidence(
     vectorised over samples and computed in chunks of ``chunk_size`` samples to bound
     memory. Biased low by about ``stderr**2 / 2`` (Jensen), consistent as ``n`` grows.
 
-    :param model: Pyro model. :param guide: its guide (proposal).
+    :param callable model: Pyro model.
+    :param callable guide: its guide (the proposal).
     :param int num_samples: number ``n`` of importance samples.
     :param int chunk_size: samples per vectorised chunk (default: all at once, at most
         1000).
@@ -88,16 +55,12 @@ def log_evidence(
     :returns: a 0-d tensor; its attributes ``stderr`` (delta-method standard error of
         the log-estimate), ``ess`` (effective sample size ``(sum w)^2 / sum w^2``) and
         ``log_weights`` (shape ``(n,)``) describe it.
+    :rtype: torch.Tensor
     """
     check_positive_int("num_samples", num_samples)
-    chunk_size = min(num_samples, 1000) if chunk_size is None else chunk_size
-    check_positive_int("chunk_size", chunk_size)
-    _check_model_and_guide(model, guide, args, kwargs)
-    needed = _guess_max_plate_nesting(model, guide, *args, **kwargs)
-    if max_plate_nesting is None:
-        max_plate_nesting = needed
-    else:
-        check_positive_int("max_plate_nesting", max_plate_nesting, minimum=needed)
+    chunk_size = chunk_size_or_default(chunk_size, num_samples)
+    check_model_and_guide(model, guide, args, kwargs)
+    max_plate_nesting = resolve_max_plate_nesting(model, guide, args, kwargs, max_plate_nesting)
     chunks = []
     with torch.no_grad():
         for start in range(0, num_samples, chunk_size):
@@ -115,23 +78,42 @@ def log_evidence(
     return _summarise(log_weights)
 
 
+def effective_sample_size(log_weights) -> float:
+    r"""Kish's effective sample size of importance weights,
+    :math:`(\sum_i w_i)^2 / \sum_i w_i^2`, computed from their logarithms.
+
+    :param log_weights: log-weights :math:`\log w_i`, a tensor or array of any shape
+        (flattened).
+    :type log_weights: torch.Tensor or numpy.ndarray
+    :returns: a number between 1 and the number of weights.
+    :rtype: float
+    """
+    log_weights = torch.as_tensor(log_weights).reshape(-1)
+    log_sum = torch.logsumexp(log_weights, 0)
+    return float(torch.exp(2 * log_sum - torch.logsumexp(2 * log_weights, 0)))
+
+
 def _summarise(log_weights: Tensor) -> Tensor:
     n = log_weights.shape[0]
-    log_sum = torch.logsumexp(log_weights, 0)
-    log_sum_sq = torch.logsumexp(2 * log_weights, 0)
-    estimate = log_sum - math.log(n)
-    ess = torch.exp(2 * log_sum - log_sum_sq)
-    # Var(w) / mean(w)^2 = n sum w^2 / (sum w)^2 - 1; stderr of log mean = sqrt(that / n).
-    relative_var = (n * torch.exp(log_sum_sq - 2 * log_sum) - 1).clamp(min=0)
-    estimate.stderr = float((relative_var / n).sqrt())
-    estimate.ess = float(ess)
+    estimate = torch.logsumexp(log_weights, 0) - math.log(n)
+    ess = effective_sample_size(log_weights)
+    # Var(w) / mean(w)^2 = n sum w^2 / (sum w)^2 - 1 = n / ess - 1; the stderr of the
+    # log mean is sqrt(that / n).
+    estimate.stderr = math.sqrt(max(n / ess - 1, 0.0) / n)
+    estimate.ess = ess
     estimate.log_weights = log_weights
     return estimate
 
 
 def default_optim(num_steps: int, lr: float = 1e-2, final_lr: float = 1e-3) -> PyroOptim:
     """Adam with gradient-norm clipping and a learning rate decaying geometrically from
-    ``lr`` to ``final_lr`` over ``num_steps`` (:class:`pyro.optim.ClippedAdam`)."""
+    ``lr`` to ``final_lr`` over ``num_steps`` (:class:`pyro.optim.ClippedAdam`).
+
+    :param int num_steps: the number of steps over which the rate decays.
+    :param float lr: the initial learning rate.
+    :param float final_lr: the learning rate after ``num_steps`` steps.
+    :rtype: pyro.optim.PyroOptim
+    """
     check_positive_int("num_steps", num_steps)
     return pyro.optim.ClippedAdam(
         {"lr": lr, "lrd": (final_lr / lr) ** (1.0 / num_steps), "clip_norm": 10.0}
@@ -144,6 +126,9 @@ class FitDivergedError(FloatingPointError):
     The parameters and optimiser state are left as they were after the last finite
     step (the non-finite update is never applied).
 
+    :param str message: the error message.
+    :param int step: the step (0-based) whose loss or gradients were not finite.
+    :param list losses: the losses of the steps before it.
     :ivar int step: the step (0-based) whose loss or gradients were not finite.
     :ivar list losses: the losses of the steps before it.
     """
@@ -157,7 +142,7 @@ class FitDivergedError(FloatingPointError):
 def _nonfinite_sites(model, guide, args, kwargs) -> list[str]:
     """Sites whose value or log-density is not finite in one guide/model run."""
     bad = []
-    traces = _guide_and_model_traces(model, guide, args, kwargs)
+    traces = guide_and_model_traces(model, guide, args, kwargs)
     with torch.no_grad():
         for trace in traces:
             for name, site in trace.nodes.items():
@@ -251,8 +236,11 @@ def fit(
       :class:`FitDivergedError` naming the step, the sites and the likely cause; the
       non-finite update is never applied, so nothing learned is lost;
     - optional clipping of the total gradient norm (``clip_norm``);
-    - a count of the guide states clamped into a guide's ``state_bounds``, shown in the
-      progress bar and reported by a :class:`LatentDiffusionWarning` at the end;
+    - the guide's running counters (a guide's optional ``fit_counters()`` hook, e.g.
+      the states a :class:`~pyro_latdiff.DiffusionGuide` clamped into its
+      ``state_bounds``) in the progress bar, and what its optional
+      ``fit_warning(counts, num_steps)`` hook says at the end as a
+      :class:`LatentDiffusionWarning`;
     - **checkpoints**: with ``checkpoint=path``, the parameter store, optimiser state,
       random state and loss history are saved atomically every ``checkpoint_every``
       steps, at the end, and when the run is interrupted (e.g. ``KeyboardInterrupt``);
@@ -261,16 +249,21 @@ def fit(
       one.
 
     :param int num_steps: total number of SVI steps (including those of a resumed run).
-    :param optim: a Pyro optimiser; :func:`default_optim` if omitted.
-    :param loss: an ELBO; ``Trace_ELBO(num_particles, vectorize_particles=True)`` if
+    :param callable model: Pyro model.
+    :param callable guide: its guide.
+    :param pyro.optim.PyroOptim optim: a Pyro optimiser; :func:`default_optim` if
+        omitted.
+    :param pyro.infer.ELBO loss: an ELBO; ``Trace_ELBO(num_particles, vectorize_particles=True)`` if
         omitted.
     :param int num_particles: particles of the default loss.
     :param float clip_norm: clip the total gradient norm to this value.
     :param checkpoint: file to save to and resume from.
+    :type checkpoint: str or os.PathLike
     :param int checkpoint_every: steps between checkpoints.
     :param callable callback: ``callback(step, loss)`` after every step.
     :param bool progress: show a tqdm progress bar with the running loss.
     :returns: the loss (negative ELBO estimate) at every step.
+    :rtype: list
     :raises FitDivergedError: if a loss or gradient is not finite.
     """
     check_positive_int("num_steps", num_steps)
@@ -282,7 +275,7 @@ def fit(
         raise ValueError(
             f"Expected `clip_norm` to be a positive float or None, actual {clip_norm!r}"
         )
-    _check_model_and_guide(model, guide, args, kwargs)
+    check_model_and_guide(model, guide, args, kwargs)
     if optim is not None and not isinstance(optim, PyroOptim):
         raise TypeError(
             f"Expected `optim` to be a pyro.optim optimiser, actual {type(optim).__name__}"
@@ -299,7 +292,7 @@ def fit(
         raise TypeError(f"Expected `callback` to be callable, actual {type(callback).__name__}")
     optim = default_optim(num_steps) if optim is None else optim
     if loss is None:
-        nesting = _guess_max_plate_nesting(model, guide, *args, **kwargs)
+        nesting = resolve_max_plate_nesting(model, guide, args, kwargs)
         loss = Trace_ELBO(
             num_particles=num_particles, vectorize_particles=True, max_plate_nesting=nesting
         )
@@ -318,7 +311,7 @@ def fit(
         start, losses = state["step"], state["losses"]
     rng = _rng_state()
     step = start
-    clamped_before = getattr(guide, "num_clamped", 0)
+    counters_before = _fit_counters(guide)
     try:
         with tqdm(total=num_steps, initial=start, disable=not progress, desc="SVI") as bar:
             for step in range(start, num_steps):
@@ -330,8 +323,8 @@ def fit(
                 if checkpoint is not None and (step + 1) % checkpoint_every == 0:
                     _save_checkpoint(checkpoint, svi, step + 1, losses, rng)
                 if step % 10 == 0 or step == num_steps - 1:
-                    clamped = getattr(guide, "num_clamped", 0) - clamped_before
-                    postfix = {"loss": f"{value:.4g}"} | ({"clamped": clamped} if clamped else {})
+                    counts = _counts_since(guide, counters_before)
+                    postfix = {"loss": f"{value:.4g}"} | {k: v for k, v in counts.items() if v}
                     bar.set_postfix(postfix, refresh=False)
                 bar.update()
     except (KeyboardInterrupt, FitDivergedError):
@@ -340,16 +333,25 @@ def fit(
         raise
     if checkpoint is not None:
         _save_checkpoint(checkpoint, svi, num_steps, losses, rng)
-    clamped = getattr(guide, "num_clamped", 0) - clamped_before
-    if clamped:
-        warnings.warn(
-            f"fit: {clamped} simulated guide states left the guide's state_bounds "
-            f"{guide.state_bounds} over {num_steps - start} steps and its drift saw them "
-            "clamped (the ELBO stays valid); widen the box if this is not rare",
-            LatentDiffusionWarning,
-            stacklevel=2,
-        )
+    warning = getattr(guide, "fit_warning", None)
+    message = (
+        None
+        if warning is None
+        else warning(_counts_since(guide, counters_before), num_steps - start)
+    )
+    if message:
+        warnings.warn(message, LatentDiffusionWarning, stacklevel=2)
     return losses
+
+
+def _fit_counters(guide) -> dict[str, int]:
+    """The guide's running counters, through its optional ``fit_counters()`` hook."""
+    counters = getattr(guide, "fit_counters", None)
+    return {} if counters is None else dict(counters())
+
+
+def _counts_since(guide, before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in _fit_counters(guide).items()}
 
 
 def _guarded_step(svi: SVI, step: int, clip_norm, losses, args, kwargs) -> float:

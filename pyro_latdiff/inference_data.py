@@ -18,9 +18,10 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from ._validation import check_positive_int
+from ._traces import SAMPLE_PLATE, resolve_max_plate_nesting, vectorize
+from ._validation import check_model_and_guide, check_positive_int, chunk_size_or_default
 from .guide import latent_diffusion_of
-from .infer import _check_model_and_guide, _guess_max_plate_nesting
+from .infer import effective_sample_size
 
 __all__ = [
     "ImportanceDiagnostics",
@@ -37,16 +38,6 @@ __all__ = [
 K_HAT_GOOD = 0.5
 K_HAT_BAD = 0.7
 
-_SAMPLE_PLATE = "_num_samples"
-
-
-def _vectorize(fn: Callable, num_samples: int, max_plate_nesting: int) -> Callable:
-    def vectorized(*args, **kwargs):
-        with pyro.plate(_SAMPLE_PLATE, num_samples, dim=-(max_plate_nesting + 1)):
-            return fn(*args, **kwargs)
-
-    return vectorized
-
 
 def _is_deterministic(site: dict) -> bool:
     return bool(site["infer"].get("_deterministic", False))
@@ -56,7 +47,7 @@ def _sites(trace, observed: bool):
     """Sample sites of ``trace``: the observed ones, or the latent ones together with
     ``pyro.deterministic`` sites (functions of the latents, not observations)."""
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site) or name == _SAMPLE_PLATE:
+        if site["type"] != "sample" or site_is_subsample(site) or name == SAMPLE_PLATE:
             continue
         is_observed = bool(site["is_observed"]) and not _is_deterministic(site)
         if is_observed is observed:
@@ -150,13 +141,6 @@ class _Layout:
         return value.cpu().numpy()
 
 
-def _check_chunk(chunk_size, num_draws: int) -> int:
-    if chunk_size is None:
-        return min(num_draws, 1000)
-    check_positive_int("chunk_size", chunk_size)
-    return chunk_size
-
-
 def to_inference_data(
     model: Callable,
     guide: Callable,
@@ -197,26 +181,23 @@ def to_inference_data(
         data = to_inference_data(model, guide, y, num_samples=500)
         print(az.summary(data, var_names=["theta"]), az.loo(data))
 
-    :param callable model: Pyro model. :param callable guide: its fitted guide.
+    :param callable model: Pyro model.
+    :param callable guide: its fitted guide.
     :param int num_samples: draws per chain.
     :param int num_chains: number of chains the draws are split into.
     :param int num_prior_samples: draws from the prior (0: no prior groups).
     :param int chunk_size: draws per vectorised pass (default: all, at most 1000).
     :param int max_plate_nesting: as in :class:`~pyro.infer.ELBO`; found by tracing if
         omitted.
-    :returns: the :class:`arviz.InferenceData`.
+    :rtype: arviz.InferenceData
     """
-    _check_model_and_guide(model, guide, args, kwargs)
+    check_model_and_guide(model, guide, args, kwargs)
     check_positive_int("num_samples", num_samples)
     check_positive_int("num_chains", num_chains)
     check_positive_int("num_prior_samples", num_prior_samples, minimum=0)
     num_draws = num_samples * num_chains
-    chunk_size = _check_chunk(chunk_size, num_draws)
-    needed = _guess_max_plate_nesting(model, guide, *args, **kwargs)
-    if max_plate_nesting is None:
-        max_plate_nesting = needed
-    else:
-        check_positive_int("max_plate_nesting", max_plate_nesting, minimum=needed)
+    chunk_size = chunk_size_or_default(chunk_size, num_draws)
+    max_plate_nesting = resolve_max_plate_nesting(model, guide, args, kwargs, max_plate_nesting)
     layout = _Layout(max_plate_nesting)
     groups: dict[str, dict[str, list]] = {
         name: {}
@@ -237,10 +218,10 @@ def to_inference_data(
     with poutine.block(), torch.no_grad():
         for start in range(0, num_draws, chunk_size):
             size = min(chunk_size, num_draws - start)
-            guide_trace = poutine.trace(_vectorize(guide, size, max_plate_nesting)).get_trace(
+            guide_trace = poutine.trace(vectorize(guide, size, -(max_plate_nesting + 1))).get_trace(
                 *args, **kwargs
             )
-            vectorized_model = _vectorize(model, size, max_plate_nesting)
+            vectorized_model = vectorize(model, size, -(max_plate_nesting + 1))
             model_trace = poutine.trace(
                 poutine.replay(vectorized_model, trace=guide_trace)
             ).get_trace(*args, **kwargs)
@@ -278,7 +259,7 @@ def to_inference_data(
         for start in range(0, num_prior_samples, chunk_size):
             size = min(chunk_size, num_prior_samples - start)
             prior_trace = poutine.trace(
-                poutine.uncondition(_vectorize(model, size, max_plate_nesting))
+                poutine.uncondition(vectorize(model, size, -(max_plate_nesting + 1)))
             ).get_trace(*args, **kwargs)
             for name, site in _sites(prior_trace, observed=False):
                 was_observed = site["infer"].get("was_observed", False) and not _is_deterministic(
@@ -390,12 +371,6 @@ class ImportanceDiagnostics:
         )
 
 
-def _ess(log_weights: np.ndarray) -> float:
-    log_weights = log_weights - log_weights.max()
-    weights = np.exp(log_weights)
-    return float(weights.sum() ** 2 / np.square(weights).sum())
-
-
 def psis_diagnostics(data: az.InferenceData) -> ImportanceDiagnostics:
     r"""PSIS diagnostics of the importance weights :math:`w_s = p(y, z_s) / q(z_s)` of
     the guide's draws in ``data`` (as made by :func:`to_inference_data`).
@@ -408,7 +383,7 @@ def psis_diagnostics(data: az.InferenceData) -> ImportanceDiagnostics:
     inference*).
 
     :param arviz.InferenceData data: with ``sample_stats.log_weight``.
-    :returns: an :class:`ImportanceDiagnostics`.
+    :rtype: ImportanceDiagnostics
     """
     log_weights = _log_weights(data)
     shape = log_weights.shape
@@ -418,8 +393,8 @@ def psis_diagnostics(data: az.InferenceData) -> ImportanceDiagnostics:
     smoothed, k_hat = az.psislw(flat, reff=1.0)
     return ImportanceDiagnostics(
         k_hat=float(k_hat),
-        ess=_ess(flat),
-        psis_ess=_ess(smoothed),
+        ess=effective_sample_size(flat),
+        psis_ess=effective_sample_size(smoothed),
         num_draws=flat.shape[0],
         log_weights=np.asarray(smoothed).reshape(shape),
     )
@@ -457,8 +432,9 @@ def importance_mean(
     :param arviz.InferenceData data: as made by :func:`to_inference_data`.
     :param callable fn: maps the posterior :class:`xarray.Dataset` to the quantities
         to average (default: the posterior itself).
-    :param var_names: posterior variables to keep before applying ``fn``.
+    :param list var_names: posterior variables to keep before applying ``fn``.
     :returns: the expectations, with the ``chain`` and ``draw`` dimensions reduced.
+    :rtype: xarray.Dataset or xarray.DataArray
     """
     log_weights = psis_diagnostics(data).log_weights
     posterior = data.posterior

@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from scipy import stats
 
-from .calibration import Calibration
+from .calibration import Calibration, rank_histogram
 from .inference_data import psis_diagnostics
 
-__all__ = ["plot_paths", "plot_ranks", "plot_terminal"]
+__all__ = ["plot_fan", "plot_paths", "plot_ranks", "plot_terminal"]
 
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -56,11 +56,26 @@ def _select(dataset, var_name: str, coords: Mapping | None, state: int, group: s
     return values.transpose("sample", time_dims[0]), time_dims[0]
 
 
-def _fan(ax, times, paths, color, label) -> None:
+def plot_fan(times, paths, *, label: str = "", color: str = "tab:blue", ax=None):
+    """Fan chart of sampled paths: the median and the 50% and 90% bands over time.
+
+    :param times: the times, shape ``(T,)``.
+    :type times: numpy.ndarray or torch.Tensor
+    :param paths: one state of each sampled path at those times, shape ``(S, T)``.
+    :type paths: numpy.ndarray or torch.Tensor
+    :param str label: legend label prefix, e.g. ``"posterior"``.
+    :param str color: matplotlib colour of the bands and the median.
+    :param matplotlib.axes.Axes ax: the axes to draw on (default: a new figure).
+    :returns: the axes.
+    :rtype: matplotlib.axes.Axes
+    """
+    ax = _axes(ax)
+    times, paths = np.asarray(times), np.asarray(paths)
     q = np.quantile(paths, _QUANTILES, axis=0)
     ax.fill_between(times, q[0], q[4], color=color, alpha=0.2, lw=0, label=f"{label} 90%")
     ax.fill_between(times, q[1], q[3], color=color, alpha=0.4, lw=0, label=f"{label} 50%")
     ax.plot(times, q[2], color=color, lw=1.5, label=f"{label} median")
+    return ax
 
 
 def plot_paths(
@@ -69,18 +84,20 @@ def plot_paths(
     """Fan chart of a path: median, 50% and 90% bands of the posterior over time, and
     of the prior if ``data`` has a ``prior`` group.
 
-    :param arviz.InferenceData data: from :func:`to_inference_data`.
+    :param arviz.InferenceData data: from
+        :func:`~pyro_latdiff.inference_data.to_inference_data`.
     :param str var_name: the path variable.
     :param dict coords: one value per plate dimension, e.g. ``{"series": 0}``.
     :param int state: index of the state dimension to show.
-    :param ax: matplotlib axes (default: a new figure).
+    :param matplotlib.axes.Axes ax: the axes to draw on (default: a new figure).
     :returns: the axes.
+    :rtype: matplotlib.axes.Axes
     """
     ax = _axes(ax)
     groups = [("prior", "tab:gray")] if "prior" in data.groups() else []
     for group, color in groups + [("posterior", "tab:blue")]:
         values, time_dim = _select(data[group], var_name, coords, state, group)
-        _fan(ax, values[time_dim].values, values.values, color, group)
+        plot_fan(values[time_dim].values, values.values, label=group, color=color, ax=ax)
     ax.set(xlabel="t", ylabel=f"{var_name} (state {state})")
     ax.legend(fontsize=7, ncol=2)
     return ax
@@ -100,7 +117,8 @@ def plot_terminal(
     """Histogram of a path's terminal state under the guide, with its PSIS-weighted
     (importance-corrected) version and, where known, the exact density.
 
-    :param arviz.InferenceData data: from :func:`to_inference_data`.
+    :param arviz.InferenceData data: from
+        :func:`~pyro_latdiff.inference_data.to_inference_data`.
     :param str var_name: the path variable.
     :param callable density: ``density(x)`` of the exact terminal marginal, for a numpy
         array ``x``.
@@ -108,8 +126,9 @@ def plot_terminal(
     :param int state: index of the state dimension to show.
     :param bool weighted: also show the PSIS-weighted histogram.
     :param int bins: histogram bins.
-    :param ax: matplotlib axes (default: a new figure).
+    :param matplotlib.axes.Axes ax: the axes to draw on (default: a new figure).
     :returns: the axes.
+    :rtype: matplotlib.axes.Axes
     """
     ax = _axes(ax)
     values, _ = _select(data.posterior, var_name, coords, state, "posterior")
@@ -147,8 +166,9 @@ def plot_ranks(
     :param Calibration calibration: from :func:`~pyro_latdiff.calibration.calibrate`.
     :param str quantity: which quantity (default: the first).
     :param int num_bins: bins, as in :func:`~pyro_latdiff.calibration.rank_test`.
-    :param ax: matplotlib axes (default: a new figure).
+    :param matplotlib.axes.Axes ax: the axes to draw on (default: a new figure).
     :returns: the axes.
+    :rtype: matplotlib.axes.Axes
     """
     if not isinstance(calibration, Calibration):
         raise TypeError(
@@ -159,14 +179,10 @@ def plot_ranks(
         raise ValueError(f"Expected `quantity` in {list(calibration.ranks)}, actual {quantity!r}")
     ranks = calibration.ranks[quantity]
     statistic, p_value = calibration.test(num_bins)[quantity]
-    length = calibration.num_samples + 1
-    if num_bins is None:
-        num_bins = int(max(2, min(20, ranks.size // 10, length)))
+    counts, expected = rank_histogram(ranks, calibration.num_samples, num_bins)
+    num_bins = counts.size
+    probs = expected / ranks.size
     ax = _axes(ax)
-    bins = ranks * num_bins // length
-    counts = np.bincount(bins, minlength=num_bins)
-    per_bin = np.bincount(np.arange(length) * num_bins // length, minlength=num_bins)
-    probs = per_bin / length
     lows = stats.binom.ppf(0.005, ranks.size, probs)
     highs = stats.binom.ppf(0.995, ranks.size, probs)
     centres = np.arange(num_bins)
@@ -181,9 +197,9 @@ def plot_ranks(
         label="99% band if uniform",
     )
     ax.bar(centres, counts, width=0.9, color="tab:blue", alpha=0.7, label="ranks")
-    ax.plot(centres, ranks.size * probs, "k--", lw=1, label="expected")
+    ax.plot(centres, expected, "k--", lw=1, label="expected")
     ax.set(
-        xlabel=f"rank bin ({length} ranks in {num_bins} bins)",
+        xlabel=f"rank bin ({calibration.num_samples + 1} ranks in {num_bins} bins)",
         ylabel="count",
         title=f"SBC ranks of {quantity}: chi2 {statistic:.1f}, p = {p_value:.3g}",
     )

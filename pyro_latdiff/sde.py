@@ -1,40 +1,87 @@
-"""Euler–Maruyama simulation on a user's time grid, through torchsde.
+"""Euler–Maruyama chains on a user's time grid: simulation through torchsde, by step index.
+
+An Euler chain is given by its *coefficients*: a function ``step(k, x) -> (drift,
+scale)`` for the transition from ``x_k = x`` at ``t_k`` to ``t_{k+1}``,
+
+    x_{k+1} = x_k + drift h_k + scale sqrt(h_k) xi_k,    xi_k ~ N(0, I_M),
+
+where ``scale`` is shaped like ``x`` (``"diagonal"`` noise, ``M = D``) or is a
+``(..., D, M)`` matrix (``"general"`` noise, torchsde's name). ``k`` is a 0-d
+``int64`` tensor, so a step is found without a host synchronisation.
 
 torchsde steps with a fixed ``dt`` from ``ts[0]`` and interpolates at the output
 times, so a non-uniform grid is not stepped exactly. We therefore integrate in
 *index time* ``s = 0, 1, ..., N`` with ``dt = 1``: step ``k`` of the index-time SDE
 
-    dX = b(t_k, X) h_k ds + sigma(t_k, X) sqrt(h_k) dW_s
+    dX = drift_k(X) h_k ds + scale_k(X) sqrt(h_k) dW_s
 
-is exactly the Euler step of the user's SDE from ``t_k`` to ``t_{k+1}``, on any grid.
+is exactly the Euler step of the user's SDE from ``t_k`` to ``t_{k+1}``, on any grid,
+and ``s`` itself is the step index. torchsde's default Brownian motion
+(``BrownianInterval``) costs far more than the arithmetic of a solve (see
+benchmarks/README.md); :class:`GridBrownian` instead serves increments drawn once on
+the grid.
 
-torchsde's default Brownian motion (``BrownianInterval``) costs about 30 times the
-arithmetic of a 100-step solve; :class:`GridBrownian` instead serves increments
-drawn once on the grid.
+:func:`transition_log_prob` is the one place where the density of Euler transitions
+is written, for every chain in the package.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torchsde
 from torch import Tensor
 
-from ._validation import check_diffusion, check_output, check_times, check_x0
+from ._validation import check_diffusion, check_noise_type, check_output, check_times, check_x0
 
-__all__ = ["GridBrownian", "solve"]
+__all__ = [
+    "GridBrownian",
+    "NOISE_TYPES",
+    "at_step",
+    "constant_diffusion",
+    "gaussian_log_prob_tril",
+    "simulate",
+    "solve",
+    "transition_log_prob",
+]
 
 Diffusion = float | Tensor | Callable[[Tensor, Tensor], Tensor]
+Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+#: Noise types and the number of trailing dimensions of their scale.
+NOISE_TYPES = {"diagonal": 1, "general": 2}
+
+_HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
+
+
+def at_step(table: Tensor, k: Tensor) -> Tensor:
+    """``table[k]`` for a 0-d int64 tensor ``k``, without a host synchronisation."""
+    return table.index_select(0, k.reshape(1)).squeeze(0)
+
+
+def constant_diffusion(diffusion, like: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """``diffusion`` as a function ``(t, x) -> Tensor``: itself if callable, else the
+    constant (a float or tensor) with the dtype and device of ``like``."""
+    if callable(diffusion):
+        return diffusion
+    value = torch.as_tensor(diffusion, dtype=like.dtype, device=like.device)
+
+    def constant(t: Tensor, x: Tensor) -> Tensor:
+        return value
+
+    return constant
 
 
 class GridBrownian(torchsde.BaseBrownian):
     """A Brownian motion in index time, built from given standard normal increments.
 
     ``W(k + 1) - W(k) = noise[k]``; torchsde's Euler solver with ``dt = 1`` asks
-    only for these unit increments.
+    only for these unit increments, with ``ta = k`` a tensor, so the increment is
+    looked up without a host synchronisation.
 
-    :param torch.Tensor noise: standard normal increments, shape ``(N, batch, D)``.
+    :param torch.Tensor noise: standard normal increments, shape ``(N, batch, M)``.
     """
 
     __slots__ = ("_noise",)
@@ -42,7 +89,7 @@ class GridBrownian(torchsde.BaseBrownian):
     def __init__(self, noise: Tensor):
         if not isinstance(noise, Tensor) or noise.dim() != 3:
             raise ValueError(
-                "Expected `noise` of shape (N, batch, D), actual "
+                "Expected `noise` of shape (N, batch, M), actual "
                 f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}"
             )
         self._noise = noise
@@ -50,10 +97,10 @@ class GridBrownian(torchsde.BaseBrownian):
     def __call__(self, ta, tb=None, return_U=False, return_A=False):
         if tb is None or return_U or return_A:
             raise ValueError("GridBrownian serves increments W(tb) - W(ta) only")
-        a, b = round(float(ta)), round(float(tb))
-        if b == a + 1:
-            return self._noise[a]
-        return self._noise[a:b].sum(0)
+        if not isinstance(ta, Tensor):  # a caller outside torchsde's loop
+            a, b = round(ta), round(tb)
+            return self._noise[a:b].sum(0)
+        return at_step(self._noise, ta.to(torch.long))
 
     def __repr__(self) -> str:
         return f"GridBrownian(num_steps={self._noise.shape[0]}, shape={tuple(self.shape)})"
@@ -76,53 +123,113 @@ class GridBrownian(torchsde.BaseBrownian):
 
 
 class _IndexTimeSDE:
-    """The user's SDE rewritten in index time for torchsde (diagonal Itô noise).
+    """An Euler chain's coefficients in index time for torchsde (Itô).
 
-    torchsde sees ``y`` flattened to ``(batch, D)``; the user's drift and diffusion
-    see the state with its full ``shape`` restored and ``t`` as a 0-d tensor.
+    torchsde sees ``y`` flattened to ``(batch, D)``; ``step`` sees the state with its
+    full ``shape`` restored and the step index ``k = s`` as a 0-d int64 tensor. One
+    call of ``step`` per Euler step gives both the drift and the scale (torchsde's
+    ``f_and_g_prod``).
     """
 
-    noise_type = "diagonal"
     sde_type = "ito"
 
-    def __init__(self, drift, diffusion, times: Tensor, shape: torch.Size):
-        self.drift = drift
-        self.diffusion = diffusion
-        self.times = times
+    def __init__(self, step: Step, times: Tensor, shape: torch.Size, noise_type: str):
+        self.step = step
         self.shape = shape
+        self.noise_type = noise_type
         steps = times.diff()
-        self.steps = steps.tolist()
-        self.sqrt_steps = steps.sqrt()
-        self.constant_scale = None
-        if not callable(diffusion):
-            # (N, D) or broadcastable: sigma * sqrt(h_k) for every step at once.
-            sigma = torch.as_tensor(diffusion, dtype=times.dtype, device=times.device)
-            self.constant_scale = sigma * self.sqrt_steps.reshape((-1,) + (1,) * sigma.dim())
+        self._steps = torch.stack([steps, steps.sqrt()], dim=-1)  # one lookup per step
+        self._general = noise_type == "general"
 
     def f_and_g_prod(self, s: Tensor, y: Tensor, v: Tensor):
-        k = round(float(s))
-        t = self.times[k]
+        k = s.to(torch.long)
         x = y.view(self.shape)
-        b = self.drift(t, x)
-        if self.constant_scale is None:
-            g_prod = self.diffusion(t, x) * self.sqrt_steps[k] * v.view(self.shape)
+        drift, scale = self.step(k, x)
+        h, sqrt_h = at_step(self._steps, k).unbind(-1)
+        if self._general:
+            noise = v.view(self.shape[:-1] + v.shape[-1:]).unsqueeze(-1)
+            g_prod = (scale @ noise).squeeze(-1)
         else:
-            g_prod = self.constant_scale[k] * v.view(self.shape)
-        return (b * self.steps[k]).reshape(y.shape), g_prod.reshape(y.shape)
+            g_prod = scale * v.view(self.shape)
+        g_prod = g_prod * sqrt_h
+        return (drift * h).expand(self.shape).reshape(y.shape), g_prod.reshape(y.shape)
 
 
-def _solve(drift, diffusion, x0: Tensor, times: Tensor, noise: Tensor | None = None) -> Tensor:
-    """:func:`solve` without argument checks (callers have checked them)."""
+def simulate(
+    step: Step,
+    x0: Tensor,
+    times: Tensor,
+    noise: Tensor | None = None,
+    noise_type: str = "diagonal",
+    noise_dim: int | None = None,
+) -> Tensor:
+    """Simulate an Euler chain given by its coefficients ``step(k, x)`` with torchsde.
+
+    No argument checks: callers have checked them (see :func:`solve`).
+
+    :param callable step: ``step(k, x) -> (drift, scale)``, ``k`` a 0-d int64 tensor.
+    :param torch.Tensor x0: initial states, shape ``batch_shape + (D,)``.
+    :param torch.Tensor times: the grid ``t_0 < ... < t_N``.
+    :param torch.Tensor noise: optional standard normal increments, shape
+        ``(N,) + batch_shape + (M,)``.
+    :param str noise_type: ``"diagonal"`` or ``"general"``.
+    :param int noise_dim: ``M`` (general noise only; ``D`` by default).
+    :returns: the states at ``times[1:]``, shape ``batch_shape + (N, D)``.
+    :rtype: torch.Tensor
+    """
     num_steps = times.shape[0] - 1
     shape = x0.shape
+    noise_dim = shape[-1] if noise_dim is None else noise_dim
     if noise is None:
-        noise = torch.randn((num_steps,) + shape, dtype=x0.dtype, device=x0.device)
+        noise = torch.randn(
+            (num_steps,) + shape[:-1] + (noise_dim,), dtype=x0.dtype, device=x0.device
+        )
     flat = x0.reshape(-1, shape[-1])
-    sde = _IndexTimeSDE(drift, diffusion, times, shape)
+    sde = _IndexTimeSDE(step, times, shape, noise_type)
     index_times = torch.arange(num_steps + 1, dtype=x0.dtype, device=x0.device)
-    bm = GridBrownian(noise.reshape(num_steps, flat.shape[0], shape[-1]))
+    bm = GridBrownian(noise.reshape(num_steps, flat.shape[0], noise_dim))
     ys = torchsde.sdeint(sde, flat, index_times, bm=bm, method="euler", dt=1.0)
     return ys[1:].reshape((num_steps,) + shape).movedim(0, -2)
+
+
+def transition_log_prob(
+    value: Tensor, previous: Tensor, drift: Tensor, scale: Tensor, steps: Tensor, noise_type: str
+) -> Tensor:
+    """Log-density of Euler transitions, all steps at once, summed over time and state.
+
+    Time is the leftmost axis of every argument: ``value`` and ``previous`` are
+    ``(N,) + batch + (D,)``, ``steps`` is ``(N, 1, ..., 1)``; ``drift`` broadcasts
+    with ``value``; ``scale`` is shaped like ``value`` (diagonal) or ``(..., D, M)``
+    (general: the covariance ``scale scale^T h`` must be positive definite).
+
+    :returns: ``sum_k log N(value_k; previous_k + drift_k h_k, Sigma_k)``, shape ``batch``.
+    :raises ValueError: if a general noise covariance is singular, naming the step.
+    """
+    residual = value - previous - drift * steps
+    if noise_type == "diagonal":
+        scale = scale * steps.sqrt()
+        log_density = -0.5 * (residual / scale).square() - scale.log() - _HALF_LOG_TWO_PI
+        return log_density.sum(-1).sum(0)
+    covariance = (scale @ scale.transpose(-1, -2)) * steps.unsqueeze(-1)
+    tril, info = torch.linalg.cholesky_ex(covariance)
+    if (info > 0).any():
+        k = int(torch.nonzero(info.reshape(info.shape[0], -1) > 0)[0, 0])
+        raise ValueError(
+            "Expected the noise covariance diffusion(t, x) diffusion(t, x)^T h to be positive "
+            f"definite at every step, actual singular at step k = {k}"
+        )
+    return gaussian_log_prob_tril(residual, tril).sum(0)
+
+
+def gaussian_log_prob_tril(residual: Tensor, tril: Tensor) -> Tensor:
+    """``log N(residual; 0, L L^T)`` for lower-triangular ``L``, over the last axis."""
+    batch = torch.broadcast_shapes(residual.shape[:-1], tril.shape[:-2])
+    dim = residual.shape[-1]
+    residual = residual.expand(batch + (dim,)).unsqueeze(-1)
+    tril = tril.expand(batch + (dim, dim))
+    z = torch.linalg.solve_triangular(tril, residual, upper=False).squeeze(-1)
+    half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return -0.5 * z.square().sum(-1) - half_log_det - z.shape[-1] * _HALF_LOG_TWO_PI
 
 
 def solve(
@@ -131,6 +238,8 @@ def solve(
     x0: Tensor,
     times: Tensor,
     noise: Tensor | None = None,
+    *,
+    noise_type: str = "diagonal",
 ) -> Tensor:
     r"""Simulate the Euler–Maruyama chain of an SDE on ``times`` with torchsde.
 
@@ -142,24 +251,31 @@ def solve(
     :param callable drift: ``drift(t, x)`` with ``t`` a 0-d tensor and ``x`` of
         shape ``x0.shape``; returns a tensor of that shape.
     :param diffusion: positive float, tensor broadcastable to ``x0``, or callable
-        ``diffusion(t, x)`` (diagonal noise).
+        ``diffusion(t, x)`` (diagonal noise); with ``noise_type="general"`` a tensor
+        or callable of shape ``(..., D, M)``.
     :param torch.Tensor x0: initial states, shape ``batch_shape + (D,)``.
     :param torch.Tensor times: 1-D increasing grid ``t_0 < ... < t_N``.
     :param torch.Tensor noise: optional standard normal increments ``xi``, shape
-        ``(N,) + x0.shape``; drawn with ``torch.randn`` if omitted.
+        ``(N,) + batch_shape + (M,)``; drawn with ``torch.randn`` if omitted.
+    :param str noise_type: ``"diagonal"`` (default) or ``"general"``.
     :returns: the states at ``times[1:]``, shape ``batch_shape + (N, D)``.
     :rtype: torch.Tensor
     """
     check_times(times)
     check_x0(x0, times)
+    check_noise_type(noise_type)
     if not callable(drift):
         raise TypeError(f"Expected `drift` to be callable, actual {type(drift).__name__}")
+    general = noise_type == "general"
     if callable(diffusion):
-        check_output("diffusion", diffusion(times[0], x0), x0, positive=True)
+        probe = diffusion(times[0], x0)
+        check_output("diffusion", probe, x0, positive=not general, matrix=general)
     else:
-        check_diffusion(diffusion, x0)
+        check_diffusion(diffusion, x0, matrix=general)
+        probe = torch.as_tensor(diffusion)
     check_output("drift", drift(times[0], x0), x0, positive=False)
-    expected = (times.shape[0] - 1,) + tuple(x0.shape)
+    noise_dim = probe.shape[-1] if general else x0.shape[-1]
+    expected = (times.shape[0] - 1,) + tuple(x0.shape[:-1]) + (noise_dim,)
     if noise is not None and (
         not isinstance(noise, Tensor) or tuple(noise.shape) != expected or noise.dtype != x0.dtype
     ):
@@ -167,4 +283,10 @@ def solve(
             f"Expected `noise` of shape {expected} and dtype {x0.dtype}, actual "
             f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}"
         )
-    return _solve(drift, diffusion, x0, times, noise)
+    diffusion_fn = constant_diffusion(diffusion, x0)
+
+    def step(k: Tensor, x: Tensor):
+        t = at_step(times, k)
+        return drift(t, x), diffusion_fn(t, x)
+
+    return simulate(step, x0, times, noise, noise_type, noise_dim)

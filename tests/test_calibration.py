@@ -3,15 +3,15 @@ import math
 import matplotlib
 import numpy as np
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 from scipy import stats
 
-from pyro_latdiff import DiffusionGuide, LatentDiffusion, fit
+from pyro_latdiff import DiffusionGuide, fit
 from pyro_latdiff.calibration import Calibration, calibrate, rank_test
 from pyro_latdiff.infer import default_optim
 from pyro_latdiff.plots import plot_ranks
+from pyro_latdiff.testing import SharedRateOU
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,15 +22,10 @@ def float64():
     torch.set_default_dtype(torch.float64)
 
 
-def ou_model(y, times, obs_scale):
+def ou_model(times, obs_scale):
     """The global-parameter model of examples/global_parameter.py: a rate shared by a
     plate of OU paths, each observed at its end."""
-    theta = pyro.sample("theta", dist.LogNormal(0.0, 0.5))
-    rate = theta.unsqueeze(-1)
-    with pyro.plate("series", y.shape[-1]):
-        x0 = torch.zeros(y.shape[-1], 1)
-        path = pyro.sample("path", LatentDiffusion(lambda t, x: -rate * x, 1.0, x0, times))
-        pyro.sample("y", dist.Normal(path[..., -1, 0], obs_scale), obs=y)
+    return SharedRateOU(times, obs_scale).model
 
 
 # ---------------------------------------------------------------- rank_test
@@ -86,10 +81,8 @@ def test_calibrate_one_fit_per_simulation(tmp_path):
     times = torch.linspace(0.0, 1.0, 6)
     y = torch.zeros(3)
     result = calibrate(
-        ou_model,
+        ou_model(times, 0.5),
         y,
-        times,
-        0.5,
         quantities={"theta": lambda v: v["theta"], "terminal": lambda v: v["path"][..., -1, 0]},
         num_simulations=3,
         num_samples=19,
@@ -116,13 +109,13 @@ def test_calibrate_errors():
     times = torch.linspace(0.0, 1.0, 3)
     y = torch.zeros(2)
     with pytest.raises(ValueError, match="`num_simulations` to be an int >= 1, actual 0"):
-        calibrate(ou_model, y, times, 0.5, quantities=["theta"], num_simulations=0)
+        calibrate(ou_model(times, 0.5), y, quantities=["theta"], num_simulations=0)
     with pytest.raises(TypeError, match="`quantities` to be a sequence"):
-        calibrate(ou_model, y, times, 0.5, quantities=3)
+        calibrate(ou_model(times, 0.5), y, quantities=3)
     with pytest.raises(ValueError, match="at least one quantity"):
-        calibrate(ou_model, y, times, 0.5, quantities=[])
+        calibrate(ou_model(times, 0.5), y, quantities=[])
     with pytest.raises(TypeError, match=r"`quantities\['a'\]` to be callable"):
-        calibrate(ou_model, y, times, 0.5, quantities={"a": 1})
+        calibrate(ou_model(times, 0.5), y, quantities={"a": 1})
 
 
 # SBC of theta in the OU global-parameter model: 20 series observed with sd 0.5 at
@@ -168,10 +161,8 @@ def _sbc(shrink: float) -> Calibration:
                 log_scale.add_(math.log(shrink))
 
     return calibrate(
-        ou_model,
+        ou_model(times, SBC["obs_scale"]),
         y,
-        times,
-        SBC["obs_scale"],
         quantities=["theta"],
         num_simulations=SBC["num_simulations"],
         num_samples=SBC["num_samples"],

@@ -9,7 +9,7 @@ from pyro.infer import Predictive, RenyiELBO, Trace_ELBO
 
 from pyro_latdiff import LatentDiffusion
 from pyro_latdiff.sde import solve
-from pyro_latdiff.testing import LinearSDE
+from pyro_latdiff.testing import LinearSDE, SharedRateOU
 
 DTYPE = torch.float64
 
@@ -138,19 +138,7 @@ def test_drift_closing_over_batched_parameter():
         assert torch.allclose(d.log_prob(path)[p], single.log_prob(path[p]))
 
 
-def ou_model(y, num_series=3):
-    theta = pyro.sample("theta", dist.LogNormal(0.0, 0.5))
-    with pyro.plate("series", num_series):
-        path = pyro.sample(
-            "path",
-            LatentDiffusion(
-                lambda t, x: -theta.unsqueeze(-1) * x,
-                1.0,
-                torch.zeros(num_series, 1, dtype=DTYPE),
-                GRIDS["uniform"],
-            ),
-        )
-        pyro.sample("y", dist.Normal(path[..., -1, 0], 0.5), obs=y)
+ou_model = SharedRateOU(GRIDS["uniform"], obs_scale=0.5).model  # a rate, a plate of 3 paths
 
 
 def ou_guide(y, num_series=3):
@@ -222,7 +210,6 @@ def good_args():
             ),
             r"`drift.*shaped like x",
         ),
-        (dict(drift=lambda t, x: x * float("nan")), r"`drift.*finite"),
         (dict(drift=3.0), r"`drift`.*callable"),
         (dict(diffusion=-1.0), r"`diffusion`.*positive"),
         (dict(diffusion=0.0), r"`diffusion`.*positive"),
@@ -242,3 +229,33 @@ def test_log_prob_checks_value_shape(validate_args):
     d = LatentDiffusion(**good_args(), validate_args=validate_args)
     with bad(r"`value`.*\(\.\.\., 10, 1\).*actual shape \(9, 1\)"):
         d.log_prob(torch.zeros(9, 1, dtype=DTYPE))
+
+
+def test_non_finite_drift_is_a_value_not_a_contract_error():
+    """A drift that is not finite at x0 (an extreme parameter proposed by NUTS) builds,
+    and its log_prob is not finite, so inference can reject the proposal."""
+    times = t64([0.0, 0.5, 1.0])
+    fn = LatentDiffusion(lambda t, x: x * float("nan"), 1.0, t64([1.0]), times)
+    assert not torch.isfinite(fn.log_prob(torch.zeros(2, 1, dtype=DTYPE))).any()
+    fn = LatentDiffusion(lambda t, x: -1e308 * x * 1e308, 1.0, t64([1.0]), times)
+    assert not torch.isfinite(fn.log_prob(torch.zeros(2, 1, dtype=DTYPE))).any()
+
+
+@pytest.mark.slow
+def test_pyro_nuts_runs_on_a_drift_rate_with_a_heavy_tailed_prior():
+    """PyMC's Euler–Maruyama example (a HalfCauchy prior on the rate) under Pyro's NUTS:
+    the step-size search proposes extreme rates, whose non-finite drift must make the
+    potential non-finite (rejected), not raise."""
+    from pyro.infer import MCMC, NUTS
+
+    from pyro_latdiff.testing import EulerMaruyamaExample
+
+    problem = EulerMaruyamaExample(num_steps=15)
+    _, y = problem.simulate(l=0.78, s=0.05, seed=0)
+    mcmc = MCMC(
+        NUTS(problem.model, max_tree_depth=4), warmup_steps=30, num_samples=20, disable_progbar=True
+    )
+    mcmc.run(y)
+    samples = mcmc.get_samples()
+    assert samples["l"].shape == (20,) and torch.isfinite(samples["l"]).all()
+    assert torch.isfinite(samples["path"]).all()

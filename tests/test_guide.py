@@ -31,22 +31,17 @@ def linear_problem(obs_scale=0.3):
     )
 
 
-def global_model(y, times):
+def global_problem():
     """A global rate, a plate of series, terminal observations."""
-    theta = pyro.sample("theta", dist.LogNormal(0.0, 0.5))
-    with pyro.plate("series", y.shape[0]):
-        x0 = torch.zeros(y.shape[0], 1)
-        drift = lambda t, x: -theta.unsqueeze(-1) * x  # noqa: E731
-        path = pyro.sample("path", LatentDiffusion(drift, 1.0, x0, times))
-        pyro.sample("y", dist.Normal(path[..., -1, 0], 0.2), obs=y)
+    return SharedRateOU(torch.linspace(0, 1, 11), obs_scale=0.2)
 
 
-def test_guide_at_initialisation_is_the_prior():
+def test_guide_without_guidance_at_initialisation_is_the_prior():
     y = torch.tensor([0.5, -1.0, 2.0])
-    times = torch.linspace(0, 1, 11)
-    guide = DiffusionGuide(global_model)
-    guide_trace = poutine.trace(guide).get_trace(y, times)
-    model_trace = poutine.trace(poutine.replay(global_model, trace=guide_trace)).get_trace(y, times)
+    global_model = global_problem().model
+    guide = DiffusionGuide(global_model, bridge=False)
+    guide_trace = poutine.trace(guide).get_trace(y)
+    model_trace = poutine.trace(poutine.replay(global_model, trace=guide_trace)).get_trace(y)
     path = guide_trace.nodes["path"]["value"]
     q = guide_trace.nodes["path"]["fn"].log_prob(path)
     p = model_trace.nodes["path"]["fn"].log_prob(path)
@@ -61,7 +56,7 @@ def test_path_derivative_detaches_parameters_in_log_prob_only():
         pyro.clear_param_store()
         guide = DiffusionGuide(problem.model, path_derivative=path_derivative)
         site = poutine.trace(guide).get_trace(y).nodes["path"]
-        params = list(guide.step_nets.parameters())
+        params = list(guide.chains.parameters())
         (dvalue,) = torch.autograd.grad(site["value"].sum(), params[-1], allow_unused=True)
         assert dvalue is not None and dvalue.abs().sum() > 0  # reparameterised value
         log_q = site["fn"].log_prob(site["value"].detach()).sum()
@@ -125,15 +120,15 @@ def test_bench_a_reaches_the_exact_discrete_posterior():
 
 def test_context_is_the_observations_and_latents_sharing_the_paths_plates():
     y = torch.tensor([0.5, -1.0, 2.0])
-    times = torch.linspace(0, 1, 11)
+    global_model = global_problem().model
     guide = DiffusionGuide(global_model)
-    guide(y, times)
-    assert guide.step_nets["path"].net.context_dim == 2  # y_i and theta
+    guide(y)
+    assert guide.chains.path.net.context_dim == 2  # y_i and theta
     # No context when asked for none; a callable context sets its own width.
-    assert DiffusionGuide(global_model, context=None).__call__(y, times)
-    custom = DiffusionGuide(global_model, context=lambda y, times: torch.stack([y, y**2], -1))
-    custom(y, times)
-    assert custom.step_nets["path"].net.context_dim == 2
+    assert DiffusionGuide(global_model, context=None).__call__(y)
+    custom = DiffusionGuide(global_model, context=lambda y: torch.stack([y, y**2], -1))
+    custom(y)
+    assert custom.chains.path.net.context_dim == 2
 
 
 def repeated_observations_model(y, times):
@@ -151,7 +146,7 @@ def test_nested_observations_are_folded_into_the_context():
     times = torch.linspace(0, 1, 11)
     guide = DiffusionGuide(repeated_observations_model)
     losses = fit(repeated_observations_model, guide, y, times, num_steps=60, progress=False)
-    assert guide.step_nets["path"].net.context_dim == 2
+    assert guide.chains.path.net.context_dim == 2
     assert sum(losses[-10:]) < sum(losses[:10])
 
 
@@ -220,7 +215,7 @@ def two_stage_model(y, times):
 def test_a_later_path_starts_from_the_guides_earlier_path():
     times = torch.linspace(0, 1, 6)
     y = torch.tensor([0.7])
-    guide = DiffusionGuide(two_stage_model)
+    guide = DiffusionGuide(two_stage_model, bridge=False)
     guide_trace = poutine.trace(guide).get_trace(y, times)
     model_trace = poutine.trace(poutine.replay(two_stage_model, trace=guide_trace)).get_trace(
         y, times
@@ -236,3 +231,23 @@ def test_a_later_path_starts_from_the_guides_earlier_path():
     assert torch.equal(second_fn.fn.x0, guide_trace.nodes["first"]["value"][..., -1, :])
     estimate = log_evidence(two_stage_model, guide, y, times, num_samples=200)
     assert torch.isfinite(estimate)
+
+
+def test_a_path_broadcast_into_extra_dimensions_is_one_clear_error():
+    """theta[..., None, None] * x under vectorised particles makes the path's batch
+    shape (P, 1, S): a silent cross product under Trace_ELBO. The guide names it."""
+
+    def model(y, bad):
+        theta = pyro.sample("theta", dist.LogNormal(0.0, 0.5))
+        with pyro.plate("series", y.shape[0]):
+            rate = theta[..., None, None] if bad else theta.unsqueeze(-1)
+            x0 = torch.zeros(y.shape[0], 1)
+            path = pyro.sample(
+                "path", LatentDiffusion(lambda t, x: -rate * x, 1.0, x0, torch.linspace(0, 1, 6))
+            )
+            pyro.sample("y", dist.Normal(path[..., -1, 0], 0.1), obs=y)
+
+    y = torch.tensor([0.1, -0.3, 0.8])
+    fit(model, DiffusionGuide(model), y, False, num_steps=2, num_particles=4, progress=False)
+    with pytest.raises(ValueError, match=r"site 'path'.*at most 2 dimensions.*\(4, 1, 3\)"):
+        fit(model, DiffusionGuide(model), y, True, num_steps=2, num_particles=4, progress=False)

@@ -11,7 +11,7 @@ import xarray as xr
 from pyro import poutine
 from pyro.infer import Predictive
 
-from pyro_latdiff import DiffusionGuide, LatentDiffusion, fit, log_evidence
+from pyro_latdiff import DiffusionGuide, fit, log_evidence
 from pyro_latdiff.inference_data import (
     K_HAT_BAD,
     ImportanceDiagnostics,
@@ -20,7 +20,7 @@ from pyro_latdiff.inference_data import (
     to_inference_data,
 )
 from pyro_latdiff.plots import plot_paths, plot_terminal
-from pyro_latdiff.testing import LinearSDE, ou_problem
+from pyro_latdiff.testing import LinearSDE, SharedRateOU, ou_problem
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -36,16 +36,6 @@ def float64():
     torch.set_default_dtype(DTYPE)
 
 
-def global_model(y, times):
-    """A global rate, a plate of OU paths, terminal observations."""
-    theta = pyro.sample("theta", dist.LogNormal(0.0, 0.5))
-    rate = theta.unsqueeze(-1)
-    with pyro.plate("series", y.shape[0]):
-        x0 = torch.zeros(y.shape[0], 1)
-        path = pyro.sample("path", LatentDiffusion(lambda t, x: -rate * x, 1.0, x0, times))
-        pyro.sample("y", dist.Normal(path[..., -1, 0], OBS_SCALE), obs=y)
-
-
 @pytest.fixture(scope="module")
 def global_fit():
     """A guide fitted briefly to the global model, its InferenceData and, from the same
@@ -57,28 +47,29 @@ def global_fit():
     pyro.set_rng_seed(1)
     pyro.clear_param_store()
     y = torch.tensor(Y)
-    times = torch.linspace(0.0, 1.0, NUM_STEPS + 1)
+    problem = SharedRateOU(torch.linspace(0.0, 1.0, NUM_STEPS + 1), OBS_SCALE)
+    global_model = problem.model  # a global rate, a plate of OU paths
     guide = DiffusionGuide(global_model)
-    fit(global_model, guide, y, times, num_steps=200, num_particles=8, progress=False)
-    data = to_inference_data(global_model, guide, y, times, num_samples=500, num_prior_samples=300)
+    fit(global_model, guide, y, num_steps=200, num_particles=8, progress=False)
+    data = to_inference_data(global_model, guide, y, num_samples=500, num_prior_samples=300)
     with torch.no_grad():
-        samples = Predictive(
+        draws = Predictive(
             global_model,
             guide=guide,
             num_samples=2000,
             parallel=True,
             return_sites=["theta", "path"],
-        )(y, times)
-    evidence = log_evidence(global_model, guide, y, times, num_samples=2000)
+        )(y)
+    evidence = log_evidence(global_model, guide, y, num_samples=2000)
     state = pyro.get_param_store().get_state()
     torch.set_default_dtype(default)
     return dict(
-        y=y, times=times, guide=guide, data=data, samples=samples, evidence=evidence, state=state
+        y=y, problem=problem, guide=guide, data=data, draws=draws, evidence=evidence, state=state
     )
 
 
 def test_groups_dims_and_coordinates(global_fit):
-    data, y, times = global_fit["data"], global_fit["y"], global_fit["times"]
+    data, y, times = global_fit["data"], global_fit["y"], global_fit["problem"].times
     assert set(data.groups()) == {
         "posterior",
         "posterior_predictive",
@@ -116,7 +107,7 @@ def _max_z(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_posterior_agrees_with_guide_samples(global_fit):
-    data, samples = global_fit["data"], global_fit["samples"]
+    data, samples = global_fit["data"], global_fit["draws"]
     path = data.posterior["path"].stack(sample=("chain", "draw")).transpose("sample", ...)
     theta = data.posterior["theta"].values.reshape(-1)
     # 41 independent comparisons: max |z| < 5 fails with probability < 1e-4.
@@ -128,7 +119,7 @@ def test_posterior_agrees_with_guide_samples(global_fit):
 def test_log_densities_recomputed_from_the_draws(global_fit):
     """lp, log_q and the pointwise log-likelihood are those of the model and the guide
     at the stored draws."""
-    data, y, times = global_fit["data"], global_fit["y"], global_fit["times"]
+    data, y, model = global_fit["data"], global_fit["y"], global_fit["problem"].model
     pyro.get_param_store().set_state(global_fit["state"])
     guide = global_fit["guide"]
     stats = data.sample_stats
@@ -137,13 +128,11 @@ def test_log_densities_recomputed_from_the_draws(global_fit):
         theta = torch.tensor(data.posterior["theta"].values[chain, draw])
         path = torch.tensor(data.posterior["path"].values[chain, draw])
         values = {"theta": theta, "path": path}
-        model_trace = poutine.trace(poutine.condition(global_model, data=values)).get_trace(
-            y, times
-        )
+        model_trace = poutine.trace(poutine.condition(model, data=values)).get_trace(y)
         lp = model_trace.log_prob_sum().item()
         assert stats["lp"].values[chain, draw] == pytest.approx(lp, rel=1e-10)
         with torch.no_grad():
-            guide_trace = poutine.trace(poutine.condition(guide, data=values)).get_trace(y, times)
+            guide_trace = poutine.trace(poutine.condition(guide, data=values)).get_trace(y)
         log_q = sum(
             site["fn"].log_prob(site["value"]).sum()
             for site in guide_trace.nodes.values()
@@ -192,7 +181,7 @@ def test_importance_mean_is_the_psis_weighted_average(global_fit):
 
 
 def test_arviz_summary_loo_ppc_posterior_plots(global_fit, tmp_path):
-    data, times = global_fit["data"], global_fit["times"]
+    data, times = global_fit["data"], global_fit["problem"].times
     summary = az.summary(data, var_names=["theta"])
     assert list(summary.index) == ["theta"]
     assert summary.loc["theta", "mean"] == pytest.approx(

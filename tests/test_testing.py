@@ -6,6 +6,7 @@ independent computations.
   derivatives), its mass and moments by the trapezoid rule, and the mixture law;
   the moments and ``E cos`` against the Euler chain, by density propagation
   (Richardson-extrapolated, O(h^2)) and by Monte Carlo (in standard errors).
+- The grid propagation of an Euler chain's density against the exact Gaussian chain.
 - Ornstein–Uhlenbeck: the moments against the Euler chain of
   :class:`~pyro_latdiff.testing.LinearSDE` (first-order convergence, Richardson to
   O(h^2)), ``E cos`` against quadrature.
@@ -27,6 +28,7 @@ from pyro_latdiff.testing import (
     benes_terminal_distribution,
     benes_terminal_moments,
     benes_transition_density,
+    euler_grid_density,
     ou_drift,
     ou_expectation_cos,
     ou_problem,
@@ -151,19 +153,10 @@ def test_benes_density_is_stable_far_out():
 
 def _euler_chain_moments(a, x0, t, num_steps, dx=0.01):
     """``E X, E X^2, E cos X`` of the Euler chain, by propagating its density on a grid."""
-    h = t / num_steps
-    grid = np.arange(x0 - a * t - 9.0, x0 + a * t + 9.0, dx)
-
-    def kernel(mean):
-        return np.exp(-((grid[None, :] - mean[:, None]) ** 2) / (2 * h)) / math.sqrt(
-            2 * math.pi * h
-        )
-
-    density = kernel(np.array([x0 + a * math.tanh(a * x0) * h]))[0]
-    step = kernel(grid + a * np.tanh(a * grid) * h) * dx
-    for _ in range(num_steps - 1):
-        density = density @ step
-    return np.array([(density * g).sum() * dx for g in (grid, grid**2, np.cos(grid))])
+    grid = torch.arange(x0 - a * t - 9.0, x0 + a * t + 9.0, dx, dtype=DTYPE)
+    times = torch.linspace(0.0, t, num_steps + 1, dtype=DTYPE)
+    density = euler_grid_density(benes_drift(a), 1.0, x0, times, grid, time_homogeneous=True)
+    return np.array([float((density * g).sum() * dx) for g in (grid, grid**2, torch.cos(grid))])
 
 
 @pytest.mark.parametrize("a", [1.0, 2.0])
@@ -272,3 +265,28 @@ def test_ou_expectation_cos_matches_quadrature(frequency):
     quadrature /= math.sqrt(2 * math.pi)
     exact = ou_expectation_cos(x0, t, rate=rate, sigma=sigma, frequency=frequency)
     assert exact == pytest.approx(quadrature, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- grid density
+
+
+@pytest.mark.parametrize("time_homogeneous", [False, True])
+def test_euler_grid_density_matches_the_gaussian_chain(time_homogeneous):
+    """OU chain (non-uniform steps; state-dependent callable diffusion equal to the
+    constant): mass, mean and variance of x_N on the grid against the exact marginals
+    of :class:`~pyro_latdiff.testing.LinearSDE` (rectangle rule, dx 0.01 << the step sd)."""
+    problem = ou_problem(rate=1.5, sigma=0.8, x0=0.5, t_end=1.2)
+    problem.times = torch.tensor([0.0, 0.1, 0.15, 0.3, 0.6, 0.9, 1.2], dtype=DTYPE)
+    means, covs = problem.marginals()
+    grid = torch.arange(-5.0, 5.0, 0.01, dtype=DTYPE)
+    dx = float(grid[1] - grid[0])
+    for diffusion in (0.8, lambda t, x: torch.full_like(x, 0.8)):
+        density = euler_grid_density(
+            problem.drift, diffusion, 0.5, problem.times, grid, time_homogeneous=time_homogeneous
+        )
+        mass = float(density.sum()) * dx
+        mean = float((density * grid).sum()) * dx
+        variance = float((density * (grid - mean) ** 2).sum()) * dx
+        assert mass == pytest.approx(1.0, abs=1e-10)
+        assert mean == pytest.approx(float(means[-1, 0]), abs=1e-10)
+        assert variance == pytest.approx(float(covs[-1, 0, 0]), abs=1e-10)

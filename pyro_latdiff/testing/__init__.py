@@ -9,9 +9,17 @@ from .benes import (
     benes_terminal_moments,
     benes_transition_density,
 )
+from .grid import euler_grid_density
 from .linear import LinearSDE, ou_problem, ou_terminal_variance
 from .ou import ou_drift, ou_expectation_cos, ou_terminal_moments
 from .shared_rate import SharedRateOU
+from .state_space import (
+    EulerMaruyamaExample,
+    EulerMaruyamaPosterior,
+    LinearGaussianSSM,
+    ScalarPosterior,
+    SharedParameterSSM,
+)
 from .targets import (
     FunnelTarget,
     GaussianMixtureTarget,
@@ -25,11 +33,16 @@ from .targets import (
 )
 
 __all__ = [
+    "EulerMaruyamaExample",
+    "EulerMaruyamaPosterior",
     "FunnelTarget",
     "GaussianMixtureTarget",
     "GaussianTarget",
+    "LinearGaussianSSM",
     "LinearSDE",
     "ManyWellTarget",
+    "ScalarPosterior",
+    "SharedParameterSSM",
     "SharedRateOU",
     "benes_drift",
     "benes_expectation",
@@ -38,6 +51,7 @@ __all__ = [
     "benes_terminal_distribution",
     "benes_terminal_moments",
     "benes_transition_density",
+    "euler_grid_density",
     "gmm25",
     "gmm40",
     "gmm9",

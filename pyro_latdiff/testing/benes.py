@@ -71,6 +71,7 @@ def benes_drift(a: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
 
     :param float a: the scale (``a = 1``: the classical Beneš SDE).
     :returns: ``drift(t, x)`` returning a tensor of ``x``'s shape.
+    :rtype: callable
     """
 
     def drift(t: Tensor, x: Tensor) -> Tensor:
@@ -93,9 +94,12 @@ def benes_transition_density(
 
     :param torch.Tensor x: the end point(s).
     :param x0: the starting point(s), broadcast against ``x``.
+    :type x0: float or torch.Tensor
     :param t: the elapsed time(s) ``t > 0``, broadcast against ``x``.
+    :type t: float or torch.Tensor
     :param float a: the scale of the drift :math:`a \tanh(a x)`.
     :returns: the density, of the broadcast shape of ``x``, ``x0`` and ``t``.
+    :rtype: torch.Tensor
     """
     x0 = torch.as_tensor(x0, dtype=x.dtype)
     t = torch.as_tensor(t, dtype=x.dtype)
@@ -116,10 +120,13 @@ def benes_terminal_distribution(
     :math:`w_\pm = e^{\pm a x_0} / (2 \cosh(a x_0))`, for exact sampling.
 
     :param x0: the starting point(s); a tensor gives a batch of laws.
+    :type x0: float or torch.Tensor
     :param t: the elapsed time(s) ``t > 0``.
+    :type t: float or torch.Tensor
     :param float a: the scale of the drift :math:`a \tanh(a x)`.
     :returns: a scalar-event distribution with ``batch_shape`` the broadcast shape of
         ``x0`` and ``t`` (float64 unless ``x0`` is a tensor of another dtype).
+    :rtype: pyro.distributions.MixtureSameFamily
     """
     dtype = x0.dtype if isinstance(x0, Tensor) else _DTYPE
     x0 = torch.as_tensor(x0, dtype=dtype)
@@ -140,6 +147,7 @@ def benes_terminal_moments(x0: float, t: float, a: float = 1.0) -> tuple[float, 
     :param float t: the elapsed time.
     :param float a: the scale of the drift :math:`a \tanh(a x)`.
     :returns: ``(mean, variance)``.
+    :rtype: tuple(float, float)
     """
     return x0 + a * t * math.tanh(a * x0), t + (a * t / math.cosh(a * x0)) ** 2
 
@@ -164,6 +172,7 @@ def benes_expectation_cos(x0: float, t: float, a: float = 1.0, frequency: float 
     :param float t: the elapsed time.
     :param float a: the scale of the drift :math:`a \tanh(a x)`.
     :param float frequency: :math:`\omega`.
+    :rtype: float
     """
     return _fourier(x0, t, a, frequency, math.cos)
 
@@ -180,6 +189,7 @@ def benes_expectation_sin(x0: float, t: float, a: float = 1.0, frequency: float 
     :param float t: the elapsed time.
     :param float a: the scale of the drift :math:`a \tanh(a x)`.
     :param float frequency: :math:`\omega`.
+    :rtype: float
     """
     return _fourier(x0, t, a, frequency, math.sin)
 
@@ -208,6 +218,7 @@ def benes_expectation(
     :param float a: the scale of the drift :math:`a \tanh(a x)`.
     :param int order: the number of quadrature nodes per component.
     :returns: a float64 tensor of shape ``event_shape``.
+    :rtype: torch.Tensor
     """
     nodes, weights = np.polynomial.hermite_e.hermegauss(order)
     nodes = torch.as_tensor(nodes, dtype=_DTYPE)

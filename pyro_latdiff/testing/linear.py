@@ -27,9 +27,13 @@ class LinearSDE:
 
     All tensors share one dtype (use float64 where exactness is checked).
 
-    :param A: ``(D, D)``. :param c: ``(D,)``. :param sigma: ``(D,)`` positive.
-    :param x0: ``(D,)``. :param times: ``(N + 1,)`` increasing.
-    :param H: ``(Dy, D)``. :param obs_scale: ``(Dy,)`` positive.
+    :param torch.Tensor A: the drift matrix, ``(D, D)``.
+    :param torch.Tensor c: the drift offset, ``(D,)``.
+    :param torch.Tensor sigma: the diffusion, ``(D,)``, positive.
+    :param torch.Tensor x0: the initial state, ``(D,)``.
+    :param torch.Tensor times: the grid, ``(N + 1,)``, increasing.
+    :param torch.Tensor H: the observation matrix, ``(Dy, D)``.
+    :param torch.Tensor obs_scale: the observation noise sd, ``(Dy,)``, positive.
     """
 
     A: Tensor
@@ -131,6 +135,15 @@ def ou_problem(
 
     The defaults are bench A of the references: ``y = 1.5`` has exact discrete
     log-evidence -3.028 and terminal posterior mean 1.466, sd 0.0989.
+
+    :param float rate: the mean-reversion rate.
+    :param float sigma: the diffusion coefficient.
+    :param int num_steps: Euler steps on the uniform grid of ``[0, t_end]``.
+    :param float t_end: the observation time.
+    :param float obs_scale: the observation noise sd.
+    :param float x0: the initial state.
+    :param torch.dtype dtype: the dtype of every tensor.
+    :rtype: LinearSDE
     """
 
     def t(values):
@@ -150,7 +163,14 @@ def ou_problem(
 def ou_terminal_variance(rate: Tensor, sigma: float, times: Tensor) -> Tensor:
     """Variance of ``x_N`` for the Euler chain of ``dX = -rate X dt + sigma dW`` from a
     fixed ``x0``, vectorised over a tensor of ``rate`` values (for quadrature over a
-    rate parameter): ``v_{k+1} = (1 - rate h_k)^2 v_k + sigma^2 h_k``."""
+    rate parameter): ``v_{k+1} = (1 - rate h_k)^2 v_k + sigma^2 h_k``.
+
+    :param torch.Tensor rate: rate values, any shape.
+    :param float sigma: the diffusion coefficient.
+    :param torch.Tensor times: the grid.
+    :returns: the variances, of ``rate``'s shape.
+    :rtype: torch.Tensor
+    """
     variance = torch.zeros_like(rate)
     for h in times.diff():
         variance = (1 - rate * h) ** 2 * variance + sigma**2 * h

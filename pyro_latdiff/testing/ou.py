@@ -35,6 +35,7 @@ def ou_drift(rate: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
 
     :param float rate: :math:`\lambda`.
     :returns: ``drift(t, x)`` returning a tensor of ``x``'s shape.
+    :rtype: callable
     """
 
     def drift(t: Tensor, x: Tensor) -> Tensor:
@@ -55,6 +56,7 @@ def ou_terminal_moments(
     :param float rate: :math:`\lambda`.
     :param float sigma: the diffusion coefficient.
     :returns: ``(mean, variance)``.
+    :rtype: tuple(float, float)
     """
     mean = x0 * math.exp(-rate * t)
     if rate == 0.0:
@@ -73,6 +75,7 @@ def ou_expectation_cos(
     :param float rate: :math:`\lambda`.
     :param float sigma: the diffusion coefficient.
     :param float frequency: :math:`\omega`.
+    :rtype: float
     """
     mean, variance = ou_terminal_moments(x0, t, rate, sigma)
     return math.exp(-(frequency**2) * variance / 2.0) * math.cos(frequency * mean)

@@ -26,6 +26,8 @@ class SharedRateOU:
 
     :param torch.Tensor times: the grid (its dtype is the problem's).
     :param float obs_scale: observation noise sd.
+    :param float prior_loc: location of the log-normal prior of theta.
+    :param float prior_scale: scale of the log-normal prior of theta.
     """
 
     times: Tensor
@@ -61,7 +63,10 @@ class SharedRateOU:
     def exact_posterior(self, y: Tensor, grid_size: int = 4000):
         """Posterior of theta by quadrature on a log-spaced grid.
 
+        :param torch.Tensor y: the observations, ``(num_series,)``.
+        :param int grid_size: quadrature points.
         :returns: ``(theta_grid, density, mean, sd)``.
+        :rtype: tuple(torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor)
         """
         log_theta = torch.linspace(-6.0, 4.0, grid_size, dtype=self.times.dtype)
         theta = log_theta.exp()

@@ -1,0 +1,61 @@
+"""Pyro trace plumbing shared by :mod:`~pyro_latdiff.infer`,
+:mod:`~pyro_latdiff.calibration` and :mod:`~pyro_latdiff.inference_data`: the plate
+that vectorises draws, the plate nesting of traces, and one run of a guide with the
+model replayed on it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyro
+import torch
+from pyro import poutine
+
+from ._validation import check_positive_int
+
+#: Name of the plate that vectorises draws of a model or guide.
+SAMPLE_PLATE = "_num_samples"
+
+
+def vectorize(fn: Callable, size: int, dim: int, name: str = SAMPLE_PLATE) -> Callable:
+    """``fn`` run under a plate of ``size`` independent copies at dimension ``dim``."""
+
+    def vectorized(*args, **kwargs):
+        with pyro.plate(name, size, dim=dim):
+            return fn(*args, **kwargs)
+
+    return vectorized
+
+
+def guide_and_model_traces(model: Callable, guide: Callable, args, kwargs):
+    """One run of ``guide`` and of ``model`` replayed on it, hidden from any enclosing
+    handler and without gradients."""
+    with poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    return guide_trace, model_trace
+
+
+def plate_nesting(*traces) -> int:
+    """The deepest vectorised plate dimension of the sample sites in ``traces``."""
+    dims = [
+        -frame.dim
+        for trace in traces
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return max(dims, default=0)
+
+
+def resolve_max_plate_nesting(model: Callable, guide: Callable, args, kwargs, given=None) -> int:
+    """The deepest plate dimension ``model`` and ``guide`` use, found by tracing both
+    once (as :class:`~pyro.infer.ELBO` does when not told); a ``given`` value is
+    checked to be at least that deep and returned."""
+    needed = plate_nesting(*guide_and_model_traces(model, guide, args, kwargs))
+    if given is None:
+        return needed
+    return check_positive_int("max_plate_nesting", given, minimum=needed)

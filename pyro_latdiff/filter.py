@@ -1,0 +1,373 @@
+r"""Backward information filter on an Euler chain, and the guided kernel it defines.
+
+Guided proposals (Schauer, van der Meulen & van Zanten 2017; backward filtering
+forward guiding, Mider, Schauer & van der Meulen 2021) in discrete time. The model's
+Euler chain is linearised around a reference path :math:`\hat x`,
+
+.. math::
+
+    x_{k+1} = A_k x_k + a_k + \varepsilon_k, \quad \varepsilon_k \sim N(0, Q_k), \qquad
+    A_k = I + B_k h_k,\; a_k = (b(t_k, \hat x_k) - B_k \hat x_k) h_k,\;
+    Q_k = \sigma \sigma^T(t_k, \hat x_k)\, h_k,
+
+with :math:`B_k = \partial b / \partial x` at :math:`\hat x_k`, and the observation
+log-likelihood by its second-order expansion in each state. For this auxiliary chain
+the probability of the observations from step :math:`j` on, given :math:`x_j = x`,
+is :math:`\tilde h_j(x) \propto \exp(-x^T H_j x / 2 + F_j^T x)`, and :math:`(H_j,
+F_j)` follow backwards in closed form (:func:`backward_filter`). The guided step
+(:class:`GuidedKernel`) is the model's own Euler kernel at the current state tilted by
+:math:`\tilde h_{k+1}` and renormalised: again Gaussian,
+
+.. math::
+
+    \Sigma' = (I + \Sigma H)^{-1} \Sigma, \qquad
+    m' = (I + \Sigma H)^{-1} (m + \Sigma F),
+
+with :math:`m = x + b(t_k, x) h_k` and :math:`\Sigma = \sigma\sigma^T(t_k, x) h_k`.
+When the model is linear-Gaussian the auxiliary chain is the model and the guided
+chain is exactly the posterior chain; for one terminal observation it is a
+modified diffusion bridge.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .distribution import LatentDiffusion
+from .sde import at_step
+
+__all__ = ["GuidedKernel", "backward_filter", "linearise_drift", "observation_terms"]
+
+
+def _jacobian_rows(out: Tensor, inputs: Tensor, create_graph: bool) -> Tensor:
+    """``d out[..., i] / d inputs[..., :]`` stacked over ``i``, for an ``out`` whose
+    entries depend only on the ``inputs`` entry at the same batch position:
+    ``out.shape[:-1] + (D_out, D_in)``."""
+    rows = []
+    for i in range(out.shape[-1]):
+        (row,) = torch.autograd.grad(
+            out[..., i].sum(),
+            inputs,
+            create_graph=create_graph,
+            retain_graph=True,
+            allow_unused=True,
+        )
+        rows.append(torch.zeros_like(inputs) if row is None else row.expand_as(inputs))
+    return torch.stack(rows, dim=-2)
+
+
+def observation_terms(
+    log_likelihood: Tensor,
+    path: Tensor,
+    create_graph: bool = True,
+    check_coupling: bool = False,
+) -> tuple[Tensor, Tensor] | None:
+    """The second-order expansion of the observation log-likelihood in each state.
+
+    ``log_likelihood`` is a scalar computed from ``path`` (a leaf, ``batch + (N, D)``,
+    the reference path), each observation depending on the state at one time. Returns
+    ``(precision, information)`` with time leftmost, ``(N,) + batch + (D, D)`` and
+    ``(N,) + batch + (D,)``: ``log p(obs | x_j = x) ~ -x^T P_j x / 2 + f_j^T x`` with
+    ``P_j = -Hessian`` (negative curvature is clipped to zero, so the guided kernel
+    stays a proper Gaussian) and ``f_j = gradient + P_j x_ref``; ``None`` if the
+    observations do not depend on the path.
+
+    The per-time Hessian blocks come from ``D`` backward passes, which is exact only
+    if no observation couples the states at two times. With ``check_coupling`` one
+    more Hessian-vector product in a random direction checks it, and a coupling is a
+    ``ValueError``.
+    """
+    if not isinstance(log_likelihood, Tensor) or not log_likelihood.requires_grad:
+        return None
+    (grad,) = torch.autograd.grad(
+        log_likelihood, path, create_graph=True, retain_graph=True, allow_unused=True
+    )
+    if grad is None:
+        return None
+    hessian = _jacobian_rows(grad, path, create_graph)
+    if check_coupling and grad.requires_grad:
+        direction = torch.randn(path.shape, dtype=path.dtype, device=path.device)
+        (full,) = torch.autograd.grad(
+            (grad * direction).sum(), path, retain_graph=True, allow_unused=True
+        )
+        full = torch.zeros_like(path) if full is None else full
+        blocks = (hessian.detach() @ direction.unsqueeze(-1)).squeeze(-1)
+        tolerance = 1e-6 * (1.0 + full.abs().max() + blocks.abs().max())
+        if not torch.allclose(full, blocks, rtol=1e-4, atol=float(tolerance)):
+            raise ValueError(
+                "Expected each observation of a path to depend on its state at one time "
+                "(the guided proposal expands the likelihood time by time), actual an "
+                "observation that couples states at several times; use "
+                "DiffusionGuide(..., bridge=False) for such a model"
+            )
+    precision = -0.5 * (hessian + hessian.transpose(-1, -2))
+    if path.shape[-1] == 1:
+        precision = precision.clamp(min=0.0)
+    else:
+        values, vectors = torch.linalg.eigh(precision)
+        precision = (vectors * values.clamp(min=0.0).unsqueeze(-2)) @ vectors.transpose(-1, -2)
+    reference = path.detach().unsqueeze(-1)
+    information = grad + (precision @ reference).squeeze(-1)
+    if not create_graph:
+        precision, information = precision.detach(), information.detach()
+    return precision.movedim(-3, 0), information.movedim(-2, 0)
+
+
+def linearise_drift(
+    prior: LatentDiffusion, reference: Tensor, create_graph: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Euler chain linearised around a reference path, all steps at once.
+
+    :param LatentDiffusion prior: the model's chain.
+    :param torch.Tensor reference: the states ``x_1 .. x_N``, shape ``batch + (N, D)``
+        (``batch`` broadcasting with the prior's).
+    :returns: ``(A, a, Q, previous)`` with time leftmost: ``(N,) + batch + (D, D)``,
+        ``(N,) + batch + (D,)``, ``(N,) + batch + (D, D)`` (see the module docstring),
+        and the states ``x_0 .. x_{N-1}`` linearised at, ``(N,) + batch + (D,)``.
+    """
+    batch = torch.broadcast_shapes(reference.shape[:-2], prior.batch_shape)
+    reference = reference.detach().expand(batch + reference.shape[-2:])
+    x0 = prior.x0.expand(batch + prior.x0.shape[-1:])
+    previous = torch.cat([x0.unsqueeze(-2), reference[..., :-1, :]], dim=-2).movedim(-2, 0)
+    num_steps, dim = previous.shape[0], previous.shape[-1]
+    ones = (1,) * (previous.dim() - 1)
+    steps = prior.times.diff().reshape((num_steps,) + ones)
+    t = prior.times[:-1].reshape(steps.shape)
+    with torch.enable_grad():
+        previous = previous.detach().requires_grad_()
+        drift = prior.drift(t, previous).expand_as(previous)
+        jacobian = _jacobian_rows(drift, previous, create_graph)
+    previous = previous.detach()
+    eye = torch.eye(dim, dtype=previous.dtype, device=previous.device)
+    step_matrix = steps.unsqueeze(-1)
+    A = eye + jacobian * step_matrix
+    a = (drift - (jacobian @ previous.unsqueeze(-1)).squeeze(-1)) * steps
+    if not create_graph:
+        A, a = A.detach(), a.detach()
+    sigma = prior.diffusion_at(t, previous)
+    Q = _covariance(sigma, prior.noise_type, dim) * step_matrix
+    Q = Q.expand(A.shape)
+    return A, a, Q, previous
+
+
+def _covariance(scale: Tensor, noise_type: str, dim: int) -> Tensor:
+    """``sigma sigma^T`` for a diagonal (broadcasting with ``(D,)``) or general
+    (``(..., D, M)``) scale."""
+    if noise_type == "diagonal":
+        scale = scale.expand(torch.broadcast_shapes(scale.shape, (dim,)))
+        return torch.diag_embed(scale.square())
+    return scale @ scale.transpose(-1, -2)
+
+
+def backward_filter(
+    A: Tensor, a: Tensor, Q: Tensor, precision: Tensor, information: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""The backward information filter of a linear-Gaussian chain.
+
+    Transition ``k`` (``k = 0 .. N - 1``) maps ``x_k`` to
+    ``x_{k+1} ~ N(A_k x_k + a_k, Q_k)``; the observations of state ``x_j``
+    (``j = 1 .. N``) contribute ``exp(-x^T P x / 2 + f^T x)`` with ``(P, f)`` at index
+    ``j - 1`` of ``precision, information``. All arguments have time leftmost and
+    broadcastable batch shapes.
+
+    :returns: ``(H, F)``, shapes ``(N,) + batch + (D, D)`` and ``(N,) + batch + (D,)``:
+        at index ``j - 1``, the quadratic log h-function of state ``x_j`` given every
+        observation from ``j`` on, ``log h_j(x) = -x^T H x / 2 + F^T x + const``.
+    """
+    num_steps = A.shape[0]
+    batch = torch.broadcast_shapes(
+        A.shape[1:-2], a.shape[1:-1], Q.shape[1:-2], precision.shape[1:-2], information.shape[1:-1]
+    )
+    dim = A.shape[-1]
+    if dim == 1:  # scalars: no linear algebra on 1 x 1 matrices
+        H, F = _backward_filter_scalar(
+            A[..., 0, 0], a[..., 0], Q[..., 0, 0], precision[..., 0, 0], information[..., 0]
+        )
+        H, F = H.expand((num_steps,) + batch), F.expand((num_steps,) + batch)
+        return H[..., None, None], F[..., None]
+    eye = torch.eye(dim, dtype=A.dtype, device=A.device)
+    A, a, Q = A.unbind(0), a.unbind(0), Q.unbind(0)
+    precision, information = precision.unbind(0), information.unbind(0)
+    H = precision[-1].expand(batch + (dim, dim))
+    F = information[-1].expand(batch + (dim,))
+    Hs, Fs = [H], [F]
+    for k in range(num_steps - 1, 0, -1):  # from state k + 1 back to state k
+        gain = torch.linalg.inv(eye + H @ Q[k])
+        H_pred = gain @ H
+        H_pred = 0.5 * (H_pred + H_pred.transpose(-1, -2))
+        F_pred = (gain @ F.unsqueeze(-1)).squeeze(-1)
+        shifted = F_pred - (H_pred @ a[k].unsqueeze(-1)).squeeze(-1)
+        At = A[k].transpose(-1, -2)
+        H = At @ H_pred @ A[k] + precision[k - 1]
+        F = (At @ shifted.unsqueeze(-1)).squeeze(-1) + information[k - 1]
+        Hs.append(H)
+        Fs.append(F)
+    return torch.stack(Hs[::-1]), torch.stack(Fs[::-1])
+
+
+def _backward_filter_scalar(A, a, Q, precision, information):
+    """:func:`backward_filter` for ``D = 1``, on tensors without the state axes."""
+    A, a, Q = A.unbind(0), a.unbind(0), Q.unbind(0)
+    precision, information = precision.unbind(0), information.unbind(0)
+    H, F = precision[-1], information[-1]
+    Hs, Fs = [H], [F]
+    for k in range(len(A) - 1, 0, -1):
+        gain = 1.0 / (1.0 + H * Q[k])
+        H_pred, F_pred = gain * H, gain * F
+        H = A[k].square() * H_pred + precision[k - 1]
+        F = A[k] * (F_pred - H_pred * a[k]) + information[k - 1]
+        Hs.append(H)
+        Fs.append(F)
+    Hs, Fs = Hs[::-1], Fs[::-1]
+    batch = torch.broadcast_shapes(*(h.shape for h in Hs), *(f.shape for f in Fs))
+    return torch.stack([h.expand(batch) for h in Hs]), torch.stack([f.expand(batch) for f in Fs])
+
+
+class GuidedKernel:
+    r"""The prior's Euler kernel tilted by the backward filter's h-function of the next
+    state (see the module docstring), by step index or for all steps at once.
+
+    :meth:`step` and :meth:`path` take the prior's ``(drift, scale)`` at the current
+    states and return the guided ``(drift, scale)``; the guided scale is a
+    lower-triangular ``(..., D, D)`` matrix (general noise) when ``D > 1`` and is
+    shaped like ``x`` when ``D = 1``. If the prior's noise does not depend on the state
+    the tilt is precomputed for the whole grid at construction (a gain, a shift and a
+    scale per step), so a step costs a matrix-vector product.
+
+    :param torch.Tensor H: filter precisions of ``x_1 .. x_N``, ``(N,) + batch + (D, D)``.
+    :param torch.Tensor F: filter informations, ``(N,) + batch + (D,)``.
+    :param LatentDiffusion prior: the model's chain.
+    """
+
+    def __init__(self, H: Tensor, F: Tensor, prior: LatentDiffusion):
+        self.H, self.F = H, F
+        self.dim = H.shape[-1]
+        self.batch_shape = H.shape[1:-2]
+        self.noise_type = "diagonal" if self.dim == 1 else "general"
+        self.prior_noise_type = prior.noise_type
+        self.steps = prior.times.diff()
+        self._ones = (1,) * (H.dim() - 2)
+        self._precomputed = None
+        if not callable(prior.diffusion):
+            h = self.steps.reshape((-1,) + self._ones)
+            sigma = prior.diffusion_at(prior.times[0], prior.x0)
+            cov_rate = _covariance(sigma, prior.noise_type, self.dim)
+            self._precomputed = self._tilt(cov_rate, h, H, F)
+            # One lookup per step: (gain, shift, scale) packed along a new last axis
+            # (D = 1), else (gain, scale) packed and shift apart.
+            gain, shift, scale = self._precomputed
+            if self.dim == 1:
+                self._packed = (torch.cat(torch.broadcast_tensors(gain, shift, scale), -1),)
+            else:
+                gain, scale = torch.broadcast_tensors(gain, scale)
+                self._packed = (torch.stack([gain, scale], -3), shift)
+
+    @classmethod
+    def from_observations(
+        cls,
+        prior: LatentDiffusion,
+        reference: Tensor,
+        terms: tuple[Tensor, Tensor],
+        create_graph: bool = True,
+    ) -> GuidedKernel:
+        """The guided kernel of ``prior`` linearised around ``reference`` (``batch +
+        (N, D)``), given the observation terms of :func:`observation_terms`."""
+        A, a, Q, previous = linearise_drift(prior, reference, create_graph)
+        kernel = cls(*backward_filter(A, a, Q, *terms), prior)
+        kernel._linear = (A, a)
+        kernel._reference = previous
+        return kernel
+
+    @torch.no_grad()
+    def mean_path(self, prior: LatentDiffusion) -> Tensor:
+        """The noise-free path of the guided kernel from ``x0``, ``batch + (N, D)``."""
+        batch = torch.broadcast_shapes(self.batch_shape, prior.batch_shape)
+        x = prior.x0.expand(batch + prior.x0.shape[-1:])
+        states = []
+        for k in range(self.steps.shape[0]):
+            index = torch.tensor(k, device=x.device)
+            drift, _ = self.step(index, x, *prior.step(index, x))
+            x = x + drift * self.steps[k]
+            states.append(x)
+        return torch.stack(states, dim=-2)
+
+    @torch.no_grad()
+    def drift_is_affine(self, prior: LatentDiffusion) -> bool:
+        """Whether the drift linearised in :meth:`from_observations` predicts the
+        model's drift at states displaced from the reference in a fixed pseudo-random
+        direction (then relinearising elsewhere changes nothing). Does not touch the
+        global random state."""
+        A, a = self._linear
+        reference = self._reference
+        generator = torch.Generator(device=reference.device).manual_seed(0)
+        noise = torch.randn(reference.shape, generator=generator, device=reference.device)
+        previous = reference + noise.to(reference.dtype) * (1.0 + reference.abs())
+        steps = self.steps.reshape((-1,) + (1,) * (previous.dim() - 1))
+        t = prior.times[:-1].reshape(steps.shape)
+        exact = previous + prior.drift(t, previous) * steps
+        linear = (A.detach() @ previous.unsqueeze(-1)).squeeze(-1) + a.detach()
+        tolerance = 1e3 * torch.finfo(exact.dtype).eps * (1.0 + exact.abs().max())
+        return bool(((exact - linear).abs().max() <= tolerance).item())
+
+    def _tilt(self, cov_rate: Tensor, h: Tensor, H: Tensor, F: Tensor):
+        """Gain ``K = (I + Sigma H)^{-1}``, shift ``K Sigma F`` and guided scale for
+        ``Sigma = cov_rate * h``; the tilted mean is ``K m + shift``."""
+        if self.dim == 1:
+            cov = cov_rate[..., 0] * h
+            gain = 1.0 / (1.0 + cov * H[..., 0])
+            scale = (gain * cov_rate[..., 0]).sqrt()
+            return gain, gain * cov * F, scale
+        cov = cov_rate * h.unsqueeze(-1)
+        eye = torch.eye(self.dim, dtype=cov.dtype, device=cov.device)
+        gain = torch.linalg.inv(eye + cov @ H)
+        shift = (gain @ (cov @ F.unsqueeze(-1))).squeeze(-1)
+        rate = gain @ cov_rate
+        scale = torch.linalg.cholesky(0.5 * (rate + rate.transpose(-1, -2)))
+        return gain, shift, scale
+
+    def _apply(self, gain: Tensor, mean: Tensor) -> Tensor:
+        if self.dim == 1:
+            return gain * mean
+        return (gain @ mean.unsqueeze(-1)).squeeze(-1)
+
+    def step(self, k: Tensor, x: Tensor, drift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        h = at_step(self.steps, k)
+        mean = x + drift * h
+        if self._precomputed is not None:
+            if self.dim == 1:
+                gain, shift, guided_scale = at_step(self._packed[0], k).split(1, -1)
+            else:
+                gain, guided_scale = at_step(self._packed[0], k).unbind(-3)
+                shift = at_step(self._packed[1], k)
+        else:
+            H, F = at_step(self.H, k), at_step(self.F, k)
+            cov_rate = _covariance(scale, self.prior_noise_type, self.dim)
+            gain, shift, guided_scale = self._tilt(cov_rate, h, H, F)
+        guided_mean = self._apply(gain, mean) + shift
+        return (guided_mean - x) / h, guided_scale
+
+    def path(
+        self, previous: Tensor, drift: Tensor, scale: Tensor, steps: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """All steps at once: ``previous`` is ``(N,) + sample + batch + (D,)``, ``steps``
+        is ``(N, 1, ..., 1)``."""
+        mean = previous + drift * steps
+        extra = previous.dim() - 1 - len(self.batch_shape) - 1
+        if self._precomputed is not None:
+            tables = self._precomputed
+        else:
+            cov_rate = _covariance(scale, self.prior_noise_type, self.dim)
+            H, F = self._insert(self.H, extra), self._insert(self.F, extra)
+            tables = self._tilt(cov_rate, steps, H, F)
+            extra = 0
+        gain, shift, guided_scale = (self._insert(table, extra) for table in tables)
+        guided_mean = self._apply(gain, mean) + shift
+        return (guided_mean - previous) / steps, guided_scale
+
+    @staticmethod
+    def _insert(table: Tensor, extra: int) -> Tensor:
+        """Insert ``extra`` singleton (sample) dimensions after the time axis."""
+        if extra <= 0:
+            return table
+        return table.reshape(table.shape[:1] + (1,) * extra + table.shape[1:])

@@ -1,0 +1,162 @@
+"""The guide's controlled chain and the backward filter, without Pyro's inference.
+
+Checked: the simulation form ``step(k, x)`` and the whole-path form agree for every
+term and noise type; the backward filter equals the reference filter of
+``testing.LinearGaussianSSM``; the chain's Euler loop makes no host synchronisation.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from pyro_latdiff import LatentDiffusion, NeuralDrift
+from pyro_latdiff.chain import Control, ControlledChain, TargetGradient
+from pyro_latdiff.filter import GuidedKernel, backward_filter, linearise_drift
+from pyro_latdiff.testing import LinearGaussianSSM
+
+DTYPE = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    torch.set_default_dtype(DTYPE)
+
+
+def perturbed(module: nn.Module, scale: float = 0.3) -> nn.Module:
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(scale * torch.randn_like(param))
+    return module
+
+
+def prior(noise: str, dim: int, batch=(3,), state_dependent=False):
+    times = torch.tensor([0.0, 0.1, 0.25, 0.3, 0.6, 1.0])
+    x0 = torch.randn(batch + (dim,))
+    B = -torch.eye(dim) + 0.3 * torch.randn(dim, dim)
+    drift = lambda t, x: x @ B.T + (x * t).sin()  # noqa: E731
+    if noise == "general":
+        G = torch.randn(dim, dim + 1)
+        if state_dependent:
+            diffusion = lambda t, x: G * (1.0 + 0.1 * x.unsqueeze(-1).tanh())  # noqa: E731
+        else:
+            diffusion = G
+        return LatentDiffusion(drift, diffusion, x0, times, noise_type="general")
+    sigma = 0.5 + torch.rand(dim)
+    if state_dependent:
+        return LatentDiffusion(drift, lambda t, x: sigma * (1.2 + x.tanh()), x0, times)
+    return LatentDiffusion(drift, sigma, x0, times)
+
+
+def control(fn: LatentDiffusion, target: bool = False) -> Control:
+    dim, num_steps = fn.state_dim, fn.num_steps
+    net = perturbed(NeuralDrift(dim, context_dim=2, out_dim=2 * dim, hidden_dims=(8,)))
+    tables = [0.3 * torch.randn(num_steps, dim) for _ in range(3)]
+    context = torch.randn(fn.batch_shape + (2,))
+    gradient = TargetGradient(lambda x: -(x - 1.0).square().sum(-1) / 2) if target else None
+    gain = 0.3 * torch.randn(num_steps, dim) if target else None
+    return Control(net, *tables, fn.times, context, gradient, gain)
+
+
+def kernel(fn: LatentDiffusion) -> GuidedKernel:
+    """A guided kernel from random observation terms at every step."""
+    shape = (fn.num_steps,) + fn.batch_shape
+    root = torch.randn(shape + (fn.state_dim, fn.state_dim))
+    precision = root @ root.transpose(-1, -2)
+    information = torch.randn(shape + (fn.state_dim,))
+    reference = torch.randn(fn.batch_shape + fn.event_shape)
+    A, a, Q, _ = linearise_drift(fn, reference)
+    return GuidedKernel(*backward_filter(A, a, Q, precision, information), fn)
+
+
+CASES = [
+    (noise, dim, guided, state_dependent)
+    for noise in ("diagonal", "general")
+    for dim in (1, 3)
+    for guided in (False, True)
+    for state_dependent in (False, True)
+]
+
+
+@pytest.mark.parametrize("noise, dim, guided, state_dependent", CASES)
+def test_step_by_index_equals_the_whole_path_evaluation(noise, dim, guided, state_dependent):
+    fn = prior(noise, dim, state_dependent=state_dependent)
+    chain = ControlledChain(fn, control(fn, target=True), kernel(fn) if guided else None)
+    value = chain.rsample((2,))
+    assert value.shape == (2,) + fn.batch_shape + fn.event_shape
+    previous = torch.cat([chain.x0.expand(value.shape[:-2] + (dim,)).unsqueeze(-2),
+                          value[..., :-1, :]], dim=-2).movedim(-2, 0)  # fmt: skip
+    t = fn.times[:-1].reshape((-1,) + (1,) * (previous.dim() - 1))
+    drift, scale = chain.path_coefficients(t, previous)
+    for k in range(fn.num_steps):
+        step_drift, step_scale = chain.step(torch.tensor(k), previous[k])
+        assert torch.allclose(step_drift, drift[k].expand_as(step_drift), atol=1e-12)
+        assert torch.allclose(step_scale, scale[k].expand_as(step_scale), atol=1e-12)
+    assert torch.isfinite(chain.log_prob(value)).all()
+
+
+def test_zero_control_without_guidance_is_the_prior():
+    fn = prior("general", 2)
+    zeros = torch.zeros(fn.num_steps, 2)
+    net = NeuralDrift(2, out_dim=4)  # zero output layer
+    chain = ControlledChain(fn, Control(net, zeros, zeros, zeros, fn.times, None))
+    value = fn.sample((4,))
+    assert torch.allclose(chain.log_prob(value), fn.log_prob(value), atol=1e-12)
+
+
+def test_backward_filter_equals_the_reference_filter():
+    torch.manual_seed(1)
+    dim = 3
+    problem = LinearGaussianSSM(
+        B=-torch.eye(dim) + 0.2 * torch.randn(dim, dim),
+        c=torch.randn(dim),
+        G=torch.randn(dim, dim),
+        x0=torch.randn(dim),
+        times=torch.tensor([0.0, 0.2, 0.3, 0.7, 0.8, 1.2, 1.5]),
+        obs_steps=torch.tensor([2, 3, 6]),
+        C=torch.randn(2, dim),
+        obs_scale=torch.tensor([0.3, 0.5]),
+    )
+    _, y = problem.simulate(0)
+    H_ref, F_ref, _ = problem.backward_filter(y)
+    precision = torch.zeros(problem.num_steps, dim, dim)
+    information = torch.zeros(problem.num_steps, dim)
+    R_inv = torch.linalg.inv(problem.R)
+    for j, k in enumerate(problem.obs_steps.tolist()):
+        precision[k - 1] = problem.C.T @ R_inv @ problem.C
+        information[k - 1] = problem.C.T @ R_inv @ y[j]
+    A, a, Q = problem.euler_transitions()
+    H, F = backward_filter(A, a, Q, precision, information)
+    assert torch.allclose(H, H_ref[1:], atol=1e-10)
+    assert torch.allclose(F, F_ref[1:], atol=1e-10)
+
+
+def test_the_euler_loop_makes_no_host_synchronisation(monkeypatch):
+    """The number of .item(), float(), int() and .tolist() calls during a simulation
+    does not grow with the number of steps."""
+    counts = {"n": 0}
+    for name in ("item", "tolist", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            counts["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def syncs(num_steps):
+        times = torch.linspace(0.0, 1.0, num_steps + 1)
+        fn = LatentDiffusion(lambda t, x: -x, 0.7, torch.zeros(4, 2), times)
+        chain = ControlledChain(fn, control(fn, target=True), kernel(fn), bounds=(-3.0, 3.0))
+        counts["n"] = 0
+        chain.rsample()
+        return counts["n"]
+
+    assert syncs(10) == syncs(40)
+
+
+def test_target_gradient_is_clipped_and_zero_where_not_finite():
+    gradient = TargetGradient(
+        lambda x: torch.where(x[..., 0] > 0, -(x**2).sum(-1), -torch.inf), 3.0
+    )
+    x = torch.tensor([[1.0, 5.0], [-1.0, 0.5]])
+    assert torch.equal(gradient(x), torch.tensor([[-2.0, -3.0], [0.0, 0.0]]))
