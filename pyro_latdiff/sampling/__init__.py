@@ -6,11 +6,9 @@ training-free, and estimating its log normaliser.
   :class:`LogVarianceELBO`); ``fit``, ``sample``, ``log_normalizer``.
 - :class:`MonteCarloFollmerDrift` and :class:`MonteCarloFollmerSampler`: the
   Schrödinger–Föllmer drift by inner Monte Carlo, and the training-free sampler.
-- :class:`TargetAwareControl`: the path integral sampler's gradient term.
 - :class:`TargetDensity`: the user's log-density, shape-checked, guarded, counted.
 """
 
-from .control import TargetAwareControl
 from .density import TargetDensity
 from .estimate import LogNormalizerEstimate
 from .follmer_drift import MonteCarloFollmerDrift
@@ -24,7 +22,6 @@ __all__ = [
     "LogVarianceELBO",
     "MonteCarloFollmerDrift",
     "MonteCarloFollmerSampler",
-    "TargetAwareControl",
     "TargetDensity",
     "gaussian_importance_sampling",
 ]

@@ -14,10 +14,9 @@ from pyro.infer.importance import vectorized_importance_weights
 from torch import Tensor
 
 from .._warnings import LatentDiffusionWarning
-from ..distribution import LatentDiffusion
+from ..distribution import EulerChain, LatentDiffusion
 from ..guide import DiffusionGuide
 from ..infer import default_optim, fit, log_evidence
-from .control import TargetAwareControl
 from .density import TargetDensity
 from .estimate import LogNormalizerEstimate
 from .follmer_drift import MonteCarloFollmerDrift
@@ -56,20 +55,22 @@ class FollmerSampler:
     horizon, a target with its own Pyro latents), write such a model and give it to
     ``DiffusionGuide`` and :func:`~pyro_latdiff.fit` directly.
 
-    **Base drift.** The guide's drift is the model's drift plus ``sigma`` times its
-    learned control. To start the guide from a better drift ``b`` than zero without
+    **Control.** The guide's drift is the model's drift plus ``sigma`` times its
+    control :math:`c_k(x) = \mathrm{NN}(t_k, x) + \text{per-step terms}`; with
+    ``control="target_aware"`` (default) the control also has the path integral
+    sampler's term :math:`g_k \odot \mathrm{clip}(\nabla \log \pi(x))` at the current
+    state, with a learned gain :math:`g_k` per step (the guide's ``target=`` option,
+    :class:`~pyro_latdiff.chain.TargetGradient`; on a grid a per-step gain is the
+    :math:`\mathrm{NN}_2(t)` of Zhang & Chen 2022).
+
+    **Base drift.** To start the guide from a better drift ``b`` than zero without
     changing the model, the model's path uses drift ``b`` and adds the factor
     ``"reference"`` :math:`= \log P_0(\mathrm{path}) - \log P_b(\mathrm{path})` (the
     discretised Girsanov ratio), so the joint density is exactly the Brownian one's
-    and :math:`Z` is unchanged. ``b`` is the sum of
-
-    - with ``control="target_aware"`` (default), the path integral sampler's term
-      :math:`\sigma\, \mathrm{NN}_2(t) \odot \mathrm{clip}(\nabla \log \pi(x))` at the
-      current state (:class:`TargetAwareControl`), whose gain :math:`\mathrm{NN}_2` is
-      learned with the guide;
-    - with ``base_drift="monte_carlo"``, the training-free Monte Carlo Föllmer drift
-      (:class:`MonteCarloFollmerDrift`, ``num_inner`` inner samples, new ones on every
-      model run), which the learned control then corrects.
+    and :math:`Z` is unchanged. With ``base_drift="monte_carlo"`` ``b`` is the
+    training-free Monte Carlo Föllmer drift (:class:`MonteCarloFollmerDrift`,
+    ``num_inner`` inner samples, new ones on every model run), which the learned
+    control then corrects; any callable ``drift(t, x)`` works too.
 
     **Losses.** ``loss="kl"`` (default) is :class:`~pyro.infer.Trace_ELBO` with the
     path-derivative gradient (reverse KL); ``loss="log_variance"`` is
@@ -168,22 +169,14 @@ class FollmerSampler:
         self.loss_name = loss
         self.noise_scale = float(noise_scale)
         self.name = f"FollmerSampler_{id(self):x}" if name is None else name
-        self.target_term = (
-            TargetAwareControl(
-                self.density,
-                dim,
-                clip=clip,
-                time_span=(self.times[0].item(), self.times[-1].item()),
-            ).to(self.dtype)
-            if control == "target_aware"
-            else None
-        )
         self.guide = DiffusionGuide(
             self.model,
             hidden_dims=hidden_dims,
             context=None,
             bridge=False,
             path_derivative=loss == "kl",
+            target=self.density if control == "target_aware" else None,
+            target_clip=clip,
             name=f"{self.name}.guide",
         )
 
@@ -193,10 +186,6 @@ class FollmerSampler:
 
     def _drift(self) -> Callable[[Tensor, Tensor], Tensor] | None:
         terms: list[Callable[[Tensor, Tensor], Tensor]] = []
-        if self.target_term is not None:
-            pyro.module(f"{self.name}.target_term", self.target_term)
-            sigma, term = self.sigma, self.target_term
-            terms.append(lambda t, x: sigma * term(t, x))
         if callable(self.base_drift):
             terms.append(self.base_drift)
         elif self.base_drift == "monte_carlo":
@@ -301,9 +290,10 @@ class FollmerSampler:
         with poutine.block():
             trace = poutine.trace(self.guide).get_trace()
         fn = trace.nodes["path"]["fn"]
-        while not isinstance(fn, LatentDiffusion):  # Pyro's and the guide's wrappers
+        while not isinstance(fn, EulerChain):  # Pyro's and the guide's wrappers
             fn = getattr(fn, "base_dist", None) or fn.fn
-        return fn.drift(self.times[k], x.to(self.dtype))
+        drift, _ = fn.step(torch.tensor(k), x.to(self.dtype))
+        return drift
 
     @torch.no_grad()
     def sample_paths(self, num_samples: int, chunk_size: int = 1000) -> Tensor:

@@ -11,15 +11,34 @@ from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
-from ..distribution import LatentDiffusion
+from ..distribution import EulerChain
 
 __all__ = ["LogVarianceELBO"]
 
 
-def _latent_diffusion(fn) -> LatentDiffusion | None:
-    while fn is not None and not isinstance(fn, LatentDiffusion):
+def _euler_chain(fn) -> EulerChain | None:
+    while fn is not None and not isinstance(fn, EulerChain):
         fn = getattr(fn, "base_dist", None)
     return fn
+
+
+class _WiderChain(EulerChain):
+    """``chain`` with its noise scale multiplied by ``noise_scale`` (simulation only)."""
+
+    def __init__(self, chain: EulerChain, noise_scale: float):
+        self.chain = chain
+        self.noise_scale = noise_scale
+        self.x0, self.times = chain.x0, chain.times
+        self.noise_type, self.noise_dim = chain.noise_type, chain.noise_dim
+        self._init_chain(chain.batch_shape, validate_args=False)
+
+    def step(self, k: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        drift, scale = self.chain.step(k, x)
+        return drift, self.noise_scale * scale
+
+    def path_coefficients(self, t: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+        drift, scale = self.chain.path_coefficients(t, previous)
+        return drift, self.noise_scale * scale
 
 
 class _Proposal(Messenger):
@@ -34,20 +53,12 @@ class _Proposal(Messenger):
     def _pyro_sample(self, msg):
         if msg["is_observed"] or msg.get("done"):
             return
-        fn = _latent_diffusion(msg["fn"])
+        chain = _euler_chain(msg["fn"])
         with torch.no_grad():
-            if fn is None or self.noise_scale == 1.0:
+            if chain is None or self.noise_scale == 1.0:
                 value = msg["fn"].sample()
             else:
-                diffusion, scale = fn.diffusion, self.noise_scale
-                if callable(diffusion):
-
-                    def wider(t, x, diffusion=diffusion):
-                        return scale * diffusion(t, x)
-                else:
-                    wider = scale * torch.as_tensor(diffusion, dtype=fn.x0.dtype)
-                proposal = LatentDiffusion(fn.drift, wider, fn.x0, fn.times, validate_args=False)
-                value = proposal.sample()
+                value = _WiderChain(chain, self.noise_scale).sample()
         msg["value"] = value.detach()
         msg["done"] = True
 
