@@ -61,7 +61,7 @@ LAYERS = [
     {"chain"},
     {"guide"},
     {"infer"},
-    {"calibration"},
+    {"calibration", "sampling"},
     {"inference_data"},
     {"plots"},
 ]
