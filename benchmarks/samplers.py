@@ -100,7 +100,13 @@ def run_learned(name, target, loss, seed, args):
         dtype=args.dtype,
     )
     start = time.perf_counter()
-    sampler.fit(args.fit_steps, num_particles=args.particles, lr=args.lr, final_lr=args.lr / 10)
+    sampler.fit(
+        args.fit_steps,
+        num_particles=args.particles,
+        lr=args.lr,
+        final_lr=args.lr / 10,
+        gain_lr=args.gain_lr_multiplier * args.lr,
+    )
     seconds = time.perf_counter() - start
     evaluations = sampler.density.num_evaluations
     estimate = sampler.log_normalizer(args.eval_samples)
@@ -243,6 +249,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-steps", type=int, default=50, help="Euler steps on [0, 1]")
     parser.add_argument("--particles", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument(
+        "--gain-lr-multiplier", type=float, default=10.0, help="target-aware gains' lr / lr"
+    )
     parser.add_argument("--noise-scale", type=float, default=1.1)
     parser.add_argument("--num-inner", type=int, default=64)
     parser.add_argument("--eval-samples", type=int, default=4000)
