@@ -87,7 +87,10 @@ def test_monte_carlo_drift_converges_to_the_exact_drift(estimator):
     assert out.shape == (3, 7, 2) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_training_free_sampler_gaussian_moments_as_k_grows():
+    """At K = 512 the drift's bias (benchmarks/README.md: about -0.05 in the mean at
+    K = 256) is below the 4 standard errors of 2000 paths."""
     target = GaussianTarget(2, 1.0, 1.5, DTYPE)
     sampler = MonteCarloFollmerSampler(target.log_prob, 2, num_steps=50, num_inner=512, dtype=DTYPE)
     _check_moments(sampler.sample(2000), target)
