@@ -23,6 +23,7 @@ MODULES = [
     "pyro_latdiff.guide",
     "pyro_latdiff.infer",
     "pyro_latdiff.score",
+    "pyro_latdiff.sampling",
 ]
 
 

@@ -21,6 +21,8 @@ def load(name):
         ("svi_step", ["--smoke"]),
         ("gpu_check", ["--device", "cpu", "--smoke"]),
         ("memory", ["--smoke"]),
+        ("samplers", ["--smoke", "--targets", "gmm9", "funnel"]),
+        ("samplers", ["--smoke", "--bias-vs-k"]),
     ],
 )
 def test_benchmark_runs_with_smoke(name, argv):

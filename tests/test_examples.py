@@ -11,9 +11,10 @@ EXAMPLES = [
     "global_parameter.py",
     "posterior_checks.py",
     "quickstart.py",
+    "sample_gmm.py",
     "score_2d.py",
 ]
-WRITES_FILES = {"posterior_checks.py", "quickstart.py", "score_2d.py"}
+WRITES_FILES = {"posterior_checks.py", "quickstart.py", "sample_gmm.py", "score_2d.py"}
 
 
 def test_every_example_is_listed():
@@ -34,5 +35,8 @@ def test_example_runs_with_smoke(name, tmp_path):
     if name == "score_2d.py":
         assert (tmp_path / "score_2d_samples.png").stat().st_size > 0
         assert (tmp_path / "score_2d_training.png").stat().st_size > 0
+    if name == "sample_gmm.py":
+        assert (tmp_path / "sample_gmm.png").stat().st_size > 0
+        assert (tmp_path / "sample_gmm_drift.png").stat().st_size > 0
     if name == "posterior_checks.py":
         assert (tmp_path / "posterior_checks_bench_a.png").stat().st_size > 0

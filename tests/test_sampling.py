@@ -1,0 +1,205 @@
+"""pyro_latdiff.sampling: exact and Monte Carlo Föllmer drifts, the learned sampler's
+model and guide, the log-variance loss, and bad targets. Tolerances in standard
+errors."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.infer import SVI
+
+from pyro_latdiff import DiffusionGuide, fit
+from pyro_latdiff._warnings import LatentDiffusionWarning
+from pyro_latdiff.sampling import (
+    FollmerSampler,
+    LogNormalizerEstimate,
+    LogVarianceELBO,
+    MonteCarloFollmerDrift,
+    MonteCarloFollmerSampler,
+    TargetDensity,
+    gaussian_importance_sampling,
+)
+from pyro_latdiff.testing import GaussianTarget, gmm9, mode_masses
+
+DTYPE = torch.float64
+TOL = 4.0  # standard errors
+
+
+def _check_moments(x: torch.Tensor, target: GaussianTarget, tol: float = TOL):
+    n = x.shape[0]
+    mean_se = target.scale / math.sqrt(n)
+    var_se = target.scale**2 * math.sqrt(2 / (n - 1))
+    assert ((x.mean(0) - target.mean).abs() < tol * mean_se).all(), x.mean(0)
+    assert ((x.var(0) - target.scale**2).abs() < tol * var_se).all(), x.var(0)
+
+
+def test_exact_follmer_drift_gives_target_moments_and_log_z():
+    target = GaussianTarget(2, 1.0, 1.5, DTYPE)
+    sampler = MonteCarloFollmerSampler(
+        target.log_prob, 2, drift=target.follmer_drift, num_steps=200, dtype=DTYPE
+    )
+    x, log_weights = sampler.sample_with_log_weights(4000)
+    _check_moments(x, target)
+    estimate = LogNormalizerEstimate.from_log_weights(log_weights)
+    assert abs(estimate.log_z) < 3 * estimate.stderr + 1e-12
+    assert estimate.ess > 3900
+
+
+def test_exact_follmer_drift_through_the_pyro_model_and_guide():
+    """The drift as the model's base drift: the untrained guide is the Föllmer chain; the
+    model's Girsanov factor keeps the evidence at Z."""
+    target = GaussianTarget(2, 1.0, 1.5, DTYPE)
+    sampler = FollmerSampler(
+        target.log_prob,
+        2,
+        num_steps=50,
+        control="network",
+        base_drift=target.follmer_drift,
+        dtype=DTYPE,
+    )
+    _check_moments(sampler.sample(2000), target)
+    _check_moments(sampler.sample(1000, resample=True, pool_size=2000), target, tol=2 * TOL)
+    estimate = sampler.log_normalizer(2000)
+    assert abs(estimate.log_z) < 3 * estimate.stderr + 1e-12
+    assert estimate.elbo <= estimate.log_z
+    assert estimate.num_evaluations > 0
+
+
+@pytest.mark.parametrize("estimator", ["gradient", "stein"])
+def test_monte_carlo_drift_converges_to_the_exact_drift(estimator):
+    target = GaussianTarget(2, 1.0, 1.5, DTYPE)
+    x = torch.randn(50, 2, dtype=DTYPE)
+    errors = []
+    for k in (16, 16384):
+        drift = MonteCarloFollmerDrift(
+            target.log_prob, 2, num_inner=k, estimator=estimator, fixed=False, dtype=DTYPE
+        )
+        t = torch.tensor(0.5, dtype=DTYPE)
+        errors.append((drift(t, x) - target.follmer_drift(t, x)).abs().mean().item())
+    assert errors[1] < 0.05 and errors[1] < errors[0]
+    # The whole-path layout of LatentDiffusion.log_prob, and t -> 1.
+    drift = MonteCarloFollmerDrift(target.log_prob, 2, num_inner=64, estimator=estimator)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=DTYPE).reshape(3, 1, 1)
+    out = drift(t, torch.randn(3, 7, 2, dtype=DTYPE))
+    assert out.shape == (3, 7, 2) and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_training_free_sampler_gaussian_moments_as_k_grows():
+    """At K = 512 the drift's bias (benchmarks/README.md: about -0.05 in the mean at
+    K = 256) is below the 4 standard errors of 2000 paths."""
+    target = GaussianTarget(2, 1.0, 1.5, DTYPE)
+    sampler = MonteCarloFollmerSampler(target.log_prob, 2, num_steps=50, num_inner=512, dtype=DTYPE)
+    _check_moments(sampler.sample(2000), target)
+
+
+@pytest.mark.slow
+def test_training_free_sampler_gmm9_mode_masses():
+    target = gmm9(DTYPE)
+    sampler = MonteCarloFollmerSampler(
+        target.log_prob, 2, num_steps=25, num_inner=64, sigma=5.0, dtype=DTYPE
+    )
+    masses = mode_masses(target, sampler.sample(1000))
+    se = math.sqrt(1 / 9 * 8 / 9 / 1000)
+    assert ((masses - 1 / 9).abs() < TOL * se).all(), masses
+
+
+def test_importance_sampling_baseline():
+    target = GaussianTarget(2, 0.5, 1.0, DTYPE)
+    estimate, x = gaussian_importance_sampling(target.log_prob, 2, 4000, scale=2.0, dtype=DTYPE)
+    assert x.shape == (4000, 2)
+    assert abs(estimate.log_z) < 3 * estimate.stderr
+    assert estimate.num_evaluations == 4000
+
+
+def test_log_variance_loss_vanishes_at_the_optimum_and_runs_under_svi():
+    target = GaussianTarget(2, 1.0, 1.5, DTYPE)
+    exact = FollmerSampler(
+        target.log_prob,
+        2,
+        control="network",
+        base_drift=target.follmer_drift,
+        loss="log_variance",
+        num_steps=200,
+        dtype=DTYPE,
+    )
+    prior = FollmerSampler(target.log_prob, 2, control="network", loss="log_variance", dtype=DTYPE)
+    loss = LogVarianceELBO(64, max_plate_nesting=0)
+    at_optimum = loss.loss(exact.model, exact.guide)
+    at_prior = loss.loss(prior.model, prior.guide)
+    assert at_optimum < 0.05 * at_prior
+    svi = SVI(prior.model, prior.guide, pyro.optim.Adam({"lr": 1e-2}), loss)
+    values = [svi.step() for _ in range(3)]
+    assert all(math.isfinite(v) for v in values)
+    with pytest.raises(ValueError, match="path_derivative=False"):
+        loss.loss(prior.model, DiffusionGuide(prior.model))
+
+
+@pytest.mark.parametrize("loss", ["kl", "log_variance"])
+def test_learned_sampler_improves_on_a_gaussian(loss):
+    target = GaussianTarget(2, 1.0, 1.5, DTYPE)
+    sampler = FollmerSampler(target.log_prob, 2, num_steps=10, loss=loss, hidden_dims=(32,))
+    before = sampler.log_normalizer(500)
+    sampler.fit(40, num_particles=32, lr=1e-2)
+    after = sampler.log_normalizer(500)
+    assert after.elbo > before.elbo
+    assert sampler.sample(7).shape == (7, 2)
+
+
+def test_target_with_nan_and_inf_does_not_poison_training():
+    target = GaussianTarget(2, 1.0, 1.5, DTYPE)
+
+    def log_density(x):
+        out = target.log_prob(x)
+        out = torch.where(x[..., 0] > 1.5, torch.full_like(out, math.nan), out)
+        return torch.where(x[..., 1] < -1.5, torch.full_like(out, -math.inf), out)
+
+    for loss in ("kl", "log_variance"):
+        sampler = FollmerSampler(log_density, 2, num_steps=10, loss=loss, hidden_dims=(16,))
+        with pytest.warns(LatentDiffusionWarning, match="NaN or infinite"):
+            losses = sampler.fit(5, num_particles=32)
+        assert all(math.isfinite(v) for v in losses)
+        assert sampler.density.num_nonfinite > 0
+        estimate = sampler.log_normalizer(200)
+        assert math.isfinite(estimate.log_z)
+
+
+@pytest.mark.parametrize(
+    "log_density",
+    [
+        lambda x: x.sum(-1, keepdim=True),  # (..., 1)
+        lambda x: x,  # (..., D)
+        lambda x: x.sum(),  # a scalar
+        lambda x: 1.0,  # not a tensor
+    ],
+)
+def test_wrong_shaped_target_is_one_clear_error(log_density):
+    with pytest.raises(ValueError, match=r"Expected `log_density` .*actual"):
+        FollmerSampler(log_density, 2)
+    with pytest.raises(ValueError, match=r"Expected `log_density` .*actual"):
+        MonteCarloFollmerSampler(log_density, 2)
+
+
+def test_any_batch_shape_and_plain_functions():
+    density = TargetDensity(lambda x: -0.5 * (x**2).sum(-1), 3)
+    assert density(torch.zeros(4, 5, 3)).shape == (4, 5)
+    value, grad = density.value_and_grad(torch.ones(2, 3))
+    assert torch.allclose(grad, -torch.ones(2, 3))
+    assert density.num_evaluations == 4 * 5 + 2
+
+
+def test_fit_takes_the_log_variance_loss_on_a_user_model():
+    """The sampler's model is an ordinary Pyro model: fit() runs on it directly."""
+    target = GaussianTarget(2, 1.0, 1.5, DTYPE)
+    sampler = FollmerSampler(target.log_prob, 2, control="network", loss="log_variance")
+    losses = fit(
+        sampler.model,
+        sampler.guide,
+        num_steps=3,
+        loss=LogVarianceELBO(16, noise_scale=1.5),
+        progress=False,
+    )
+    assert len(losses) == 3
