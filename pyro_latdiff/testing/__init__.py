@@ -51,8 +51,8 @@ from .targets import (
 __all__ = [
     "EulerMaruyamaExample",
     "EulerMaruyamaPosterior",
-    "GaussianMixture",
     "FunnelTarget",
+    "GaussianMixture",
     "GaussianMixtureTarget",
     "GaussianTarget",
     "LinearGaussianSSM",
