@@ -13,6 +13,7 @@ MODULES = [
     "pyro_latdiff.plots",
     "pyro_latdiff.sde",
     "pyro_latdiff.infer",
+    "pyro_latdiff.mcmc",
     "pyro_latdiff.parallel",
 ]
 
