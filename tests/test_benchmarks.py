@@ -20,6 +20,8 @@ def load(name):
     [
         ("svi_step", ["--smoke"]),
         ("gpu_check", ["--device", "cpu", "--smoke"]),
+        ("parallel", ["--smoke"]),
+        ("peers", ["--smoke"]),
     ],
 )
 def test_benchmark_runs_with_smoke(name, argv):

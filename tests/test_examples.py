@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
-EXAMPLES = ["double_well.py", "global_parameter.py", "posterior_checks.py", "quickstart.py"]
+EXAMPLES = [
+    "double_well.py",
+    "fitzhugh_nagumo.py",
+    "global_parameter.py",
+    "posterior_checks.py",
+    "quickstart.py",
+]
 WRITES_FILES = {"posterior_checks.py", "quickstart.py"}
 
 

@@ -10,11 +10,13 @@ from .benes import (
     benes_transition_density,
 )
 from .linear import LinearSDE, ou_problem, ou_terminal_variance
+from .observed_path import ObservedRateOU
 from .ou import ou_drift, ou_expectation_cos, ou_terminal_moments
 from .shared_rate import SharedRateOU
 
 __all__ = [
     "LinearSDE",
+    "ObservedRateOU",
     "SharedRateOU",
     "benes_drift",
     "benes_expectation",
