@@ -17,7 +17,8 @@ Problems, each with an exact posterior of one quantity:
 
 Error = max(|mean - exact mean|, |sd - exact sd|) / exact sd, measured at checkpoints;
 time to accuracy = the first checkpoint after which the error stays below ``--tol``.
-Times include compilation and warm-up. Peers not installed are skipped with a line.
+Times include compilation and warm-up; each run stops at ``--time-limit`` seconds
+(checkpoints so far kept). Peers not installed are skipped with a line.
 Every method runs with one thread.
 
     OMP_NUM_THREADS=1 python benchmarks/peers.py --outdir outputs
@@ -49,6 +50,10 @@ from pyro_latdiff.testing import ObservedRateOU, SharedRateOU, ou_problem  # noq
 
 METHODS = ["svi", "pyro_nuts", "numpyro_nuts", "pymc_nuts"]
 PEERS = {"numpyro_nuts": "numpyro", "pymc_nuts": "pymc"}
+
+
+class _TimeUp(Exception):
+    """Raised from a sampler's or optimiser's callback when the time limit is reached."""
 
 
 @dataclass
@@ -138,6 +143,8 @@ def run_svi(problem: Problem, args):
         if (step + 1) % args.eval_every:
             return
         pause = time.perf_counter()
+        if pause - state["start"] - state["paused"] > args.time_limit:
+            raise _TimeUp
         with torch.no_grad():
             samples = Predictive(problem.model, guide=guide, num_samples=1000, parallel=True)(
                 problem.data
@@ -146,23 +153,27 @@ def run_svi(problem: Problem, args):
         checkpoints.append((elapsed, error(problem, problem.extract(samples))))
         state["paused"] += time.perf_counter() - pause
 
-    fit(
-        problem.model,
-        guide,
-        problem.data,
-        num_steps=args.svi_steps,
-        num_particles=args.num_particles,
-        callback=callback,
-        progress=False,
-    )
+    try:
+        fit(
+            problem.model,
+            guide,
+            problem.data,
+            num_steps=args.svi_steps,
+            num_particles=args.num_particles,
+            callback=callback,
+            progress=False,
+        )
+    except _TimeUp:
+        pass
     return checkpoints
 
 
 class _Checkpoints:
     """Running error over post-warm-up samples, every ``every`` samples."""
 
-    def __init__(self, problem, every, start):
+    def __init__(self, problem, every, start, time_limit=math.inf):
         self.problem, self.every, self.start = problem, every, start
+        self.time_limit = time_limit
         self.values: list[float] = []
         self.checkpoints: list[tuple[float, float]] = []
 
@@ -172,6 +183,8 @@ class _Checkpoints:
             if len(self.values) % self.every == 0:
                 now = time.perf_counter() - self.start
                 self.checkpoints.append((now, error(self.problem, self.values)))
+                if now > self.time_limit:
+                    raise _TimeUp
 
 
 def run_pyro_nuts(problem: Problem, args):
@@ -180,6 +193,8 @@ def run_pyro_nuts(problem: Problem, args):
     record = _Checkpoints(problem, args.mcmc_every, start)
 
     def hook(kernel, params, stage, i):
+        if time.perf_counter() - start > args.time_limit:
+            raise _TimeUp
         if stage.lower() != "sample":
             return
         z = {k: v.detach() for k, v in params.items()}
@@ -196,7 +211,10 @@ def run_pyro_nuts(problem: Problem, args):
         hook_fn=hook,
         disable_progbar=True,
     )
-    mcmc.run(problem.data)
+    try:
+        mcmc.run(problem.data)
+    except _TimeUp:
+        pass
     return record.checkpoints
 
 
@@ -260,7 +278,7 @@ def run_numpyro_nuts(problem: Problem, args):
     jax.config.update("jax_enable_x64", True)
     start = time.perf_counter()
     model, extract = _numpyro_model(problem)
-    record = _Checkpoints(problem, args.mcmc_every, start)
+    record = _Checkpoints(problem, args.mcmc_every, start, args.time_limit)
     chunk = args.mcmc_every
     mcmc = NMCMC(
         NNUTS(model, max_tree_depth=args.max_tree_depth),
@@ -268,12 +286,15 @@ def run_numpyro_nuts(problem: Problem, args):
         num_samples=chunk,
         progress_bar=False,
     )
-    mcmc.run(jax.random.PRNGKey(3))
-    record.add(extract(mcmc.get_samples()))
-    while len(record.values) < args.num_samples:
-        mcmc.post_warmup_state = mcmc.last_state
-        mcmc.run(mcmc.post_warmup_state.rng_key)
+    try:
+        mcmc.run(jax.random.PRNGKey(3))
         record.add(extract(mcmc.get_samples()))
+        while len(record.values) < args.num_samples:
+            mcmc.post_warmup_state = mcmc.last_state
+            mcmc.run(mcmc.post_warmup_state.rng_key)
+            record.add(extract(mcmc.get_samples()))
+    except _TimeUp:
+        pass
     del numpyro
     return record.checkpoints
 
@@ -308,23 +329,28 @@ def run_pymc_nuts(problem: Problem, args):
             pm.Normal("z", path, spec.obs_scale, observed=data)
         transition = pm.Normal.dist(prev + drift * h, sigma * np.sqrt(h))
         pm.Potential("chain", pm.logp(transition, path).sum())
-        record = _Checkpoints(problem, args.mcmc_every, start)
+        record = _Checkpoints(problem, args.mcmc_every, start, args.time_limit)
 
         def callback(trace, draw):
+            if time.perf_counter() - start > args.time_limit:
+                raise _TimeUp
             if not draw.tuning:
                 value = np.asarray(draw.point[quantity])
                 record.add(value[..., -1] if problem.name == "bench_a" else value)
 
-        pm.sample(
-            draws=args.num_samples,
-            tune=args.warmup_steps,
-            chains=1,
-            cores=1,
-            random_seed=4,
-            progressbar=False,
-            compute_convergence_checks=False,
-            callback=callback,
-        )
+        try:
+            pm.sample(
+                draws=args.num_samples,
+                tune=args.warmup_steps,
+                chains=1,
+                cores=1,
+                random_seed=4,
+                progressbar=False,
+                compute_convergence_checks=False,
+                callback=callback,
+            )
+        except _TimeUp:
+            pass
     return record.checkpoints
 
 
@@ -423,13 +449,16 @@ def parse_args(argv=None):
     parser.add_argument("--num-steps", type=int, default=50, help="Euler steps (bench A, shared)")
     parser.add_argument("--num-series", type=int, default=100)
     parser.add_argument("--observed-steps", type=int, default=200)
-    parser.add_argument("--svi-steps", type=int, default=1000)
+    parser.add_argument("--svi-steps", type=int, default=1500)
     parser.add_argument("--num-particles", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--warmup-steps", type=int, default=300)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--mcmc-every", type=int, default=50)
     parser.add_argument("--max-tree-depth", type=int, default=8)
+    parser.add_argument(
+        "--time-limit", type=float, default=75.0, help="seconds per method and problem"
+    )
     parser.add_argument("--outdir", default=None, help="write peers_accuracy.png here")
     parser.add_argument("--smoke", action="store_true", help="bench A, tiny sizes")
     args = parser.parse_args(argv)
