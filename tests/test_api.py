@@ -37,3 +37,21 @@ def test_contract_names_are_public():
     ]:
         assert name in pyro_latdiff.__all__
     from pyro_latdiff import to_inference_data  # noqa: F401  (loads ArviZ lazily)
+
+
+def test_the_package_never_imports_the_peers():
+    """numpyro, jax, pymc (benchmark peers) and lightning (the optional extra, loaded only
+    by pyro_latdiff.lightning) stay out of every other module's imports."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib\n"
+        f"for name in {MODULES!r}: importlib.import_module(name)\n"
+        "print(sorted(m for m in ('lightning', 'numpyro', 'jax', 'pymc', 'pytensor') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
