@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 import time
@@ -200,8 +201,8 @@ def run_pyro_nuts(problem: Problem, args):
         # LatentDiffusion's construction check raise. Treat that as zero density.
         try:
             return potential(params)
-        except ValueError:
-            return torch.tensor(math.inf)
+        except ValueError:  # an infinite energy that HMC's gradient can still be taken of
+            return sum(v.sum() * 0.0 for v in params.values()) + math.inf
 
     def hook(kernel, params, stage, i):
         if time.perf_counter() - start > args.time_limit:
@@ -344,7 +345,11 @@ def run_pymc_nuts(problem: Problem, args):
             if time.perf_counter() - start > args.time_limit:
                 raise _TimeUp
             if not draw.tuning:
-                value = np.asarray(draw.point[quantity])
+                point = draw.point  # values on PyMC's unconstrained scale
+                if quantity in point:
+                    value = np.asarray(point[quantity])
+                else:  # a positive variable: sampled as its log
+                    value = np.exp(np.asarray(point[f"{quantity}_log__"]))
                 record.add(value[..., -1] if problem.name == "bench_a" else value)
 
         try:
@@ -445,6 +450,8 @@ def main(args):
     if args.outdir:
         os.makedirs(args.outdir, exist_ok=True)
         plot(results, problems, os.path.join(args.outdir, "peers_accuracy.png"))
+        with open(os.path.join(args.outdir, "peers.json"), "w") as handle:
+            json.dump({"checkpoints": results, "table": table}, handle)
     return {"table": table}
 
 
