@@ -21,7 +21,9 @@ def load(name):
         ("svi_step", ["--smoke"]),
         ("gpu_check", ["--device", "cpu", "--smoke"]),
         ("parallel", ["--smoke"]),
-        ("peers", ["--smoke"]),
+        # About a minute where numpyro and pymc are installed (JIT and C compilation);
+        # seconds where they are not (each missing peer is skipped with a line).
+        pytest.param("peers", ["--smoke"], marks=pytest.mark.slow),
     ],
 )
 def test_benchmark_runs_with_smoke(name, argv):
