@@ -387,11 +387,12 @@ def time_to_accuracy(checkpoints, tol):
     return reached
 
 
-def plot(results, problems, path):
+def plot(results, problems, path, tol):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = [p for p in problems if any(results[p].values())]
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
@@ -399,7 +400,10 @@ def plot(results, problems, path):
         for method, checkpoints in results[name].items():
             if checkpoints:
                 seconds, errs = zip(*checkpoints, strict=True)
-                ax.plot(seconds, errs, marker=".", lw=1, label=method)
+                color = f"C{METHODS.index(method)}"  # one colour per method in every panel
+                ax.plot(seconds, errs, marker=".", lw=1, label=method, color=color)
+        ax.axhline(tol, color="k", ls=":", lw=0.8)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(
             xscale="log",
             yscale="log",
@@ -449,7 +453,7 @@ def main(args):
         print(f"{name:<14} {method:<13} {shown:>12} {final:10.3f} {total:7.1f}")
     if args.outdir:
         os.makedirs(args.outdir, exist_ok=True)
-        plot(results, problems, os.path.join(args.outdir, "peers_accuracy.png"))
+        plot(results, problems, os.path.join(args.outdir, "peers_accuracy.png"), args.tol)
         with open(os.path.join(args.outdir, "peers.json"), "w") as handle:
             json.dump({"checkpoints": results, "table": table}, handle)
     return {"table": table}
