@@ -25,8 +25,6 @@ Every method runs with one thread.
     python benchmarks/peers.py --smoke
 """
 
-from __future__ import annotations
-
 import argparse
 import importlib.util
 import json
