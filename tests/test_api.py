@@ -24,6 +24,8 @@ MODULES = [
     "pyro_latdiff.infer",
     "pyro_latdiff.score",
     "pyro_latdiff.sampling",
+    "pyro_latdiff.mcmc",
+    "pyro_latdiff.parallel",
 ]
 
 
@@ -63,6 +65,7 @@ LAYERS = [
     {"guide"},
     {"infer"},
     {"sampling", "score"},
+    {"mcmc", "parallel", "lightning"},
     {"calibration"},
     {"inference_data"},
     {"plots"},
@@ -138,3 +141,21 @@ def test_no_module_imports_another_modules_private_names():
                     if alias.name.startswith("_")
                 ]
     assert not set(private) - KNOWN_PRIVATE_IMPORTS, private
+
+
+def test_the_package_never_imports_the_peers():
+    """numpyro, jax, pymc (benchmark peers) and lightning (the optional extra, loaded only
+    by pyro_latdiff.lightning) stay out of every other module's imports."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib\n"
+        f"for name in {MODULES!r}: importlib.import_module(name)\n"
+        "print(sorted(m for m in ('lightning', 'numpyro', 'jax', 'pymc', 'pytensor') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

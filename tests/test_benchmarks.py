@@ -23,6 +23,10 @@ def load(name):
         ("memory", ["--smoke"]),
         ("samplers", ["--smoke", "--targets", "gmm9", "funnel"]),
         ("samplers", ["--smoke", "--bias-vs-k"]),
+        ("parallel", ["--smoke"]),
+        # About a minute where numpyro and pymc are installed (JIT and C compilation);
+        # seconds where they are not (each missing peer is skipped with a line).
+        pytest.param("peers", ["--smoke"], marks=pytest.mark.slow),
     ],
 )
 def test_benchmark_runs_with_smoke(name, argv):

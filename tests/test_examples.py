@@ -7,7 +7,9 @@ import pytest
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = [
+    "data_parallel.py",
     "double_well.py",
+    "fitzhugh_nagumo.py",
     "global_parameter.py",
     "posterior_checks.py",
     "quickstart.py",

@@ -12,6 +12,7 @@ from .benes import (
 from .grid import euler_grid_density
 from .linear import LinearSDE, ou_problem, ou_terminal_variance
 from .mixture import GaussianMixture
+from .observed_path import ObservedRateOU
 from .ou import ou_drift, ou_expectation_cos, ou_terminal_moments
 from .score_references import (
     binary_denoiser,
@@ -58,6 +59,7 @@ __all__ = [
     "LinearGaussianSSM",
     "LinearSDE",
     "ManyWellTarget",
+    "ObservedRateOU",
     "ScalarPosterior",
     "SharedParameterSSM",
     "SharedRateOU",

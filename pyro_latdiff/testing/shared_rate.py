@@ -39,13 +39,18 @@ class SharedRateOU:
         loc = torch.tensor(self.prior_loc, dtype=self.times.dtype)
         return dist.LogNormal(loc, self.prior_scale)
 
-    def model(self, y: Tensor) -> None:
-        """Sites ``"theta"``, ``"path"`` (plate ``"series"``) and observed ``"y"``."""
+    def model(self, y: Tensor, num_series: int | None = None) -> None:
+        """Sites ``"theta"``, ``"path"`` (plate ``"series"``) and observed ``"y"``.
+
+        With ``num_series`` larger than ``len(y)``, ``y`` is a shard of the data and the
+        plate is subsampled (Pyro scales the shard's sites by ``num_series / len(y)``),
+        as :class:`~pyro_latdiff.parallel.DataParallelSVI` needs.
+        """
         theta = pyro.sample("theta", self.prior())
         rate = theta.unsqueeze(-1)  # (P, 1, 1) under particles: broadcasts over series, state
-        num_series = y.shape[-1]
-        with pyro.plate("series", num_series):
-            x0 = torch.zeros(num_series, 1, dtype=self.times.dtype)
+        size = y.shape[-1]
+        with pyro.plate("series", size if num_series is None else num_series, subsample_size=size):
+            x0 = torch.zeros(size, 1, dtype=self.times.dtype)
             path = pyro.sample("path", LatentDiffusion(lambda t, x: -rate * x, 1.0, x0, self.times))
             pyro.sample("y", dist.Normal(path[..., -1, 0], self.obs_scale), obs=y)
 
