@@ -20,6 +20,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
+from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from pyro.infer.autoguide.utils import deep_setattr
@@ -107,6 +108,26 @@ def _auto_context(path_site: dict, trace, path_names: set[str]) -> list[Tensor]:
             value = value.reshape(value.shape[:-2] + (-1,)).unsqueeze(frame.dim - 1)
         pieces.append(value)
     return pieces
+
+
+def _observation_log_likelihood(trace, path_names: set[str]):
+    """The log-likelihood of the observed sites (and of the guide's values of the other
+    latents), without the minibatch scale of subsampled plates: each path's guided
+    kernel needs its own observations' likelihood, not the scaled-up estimator's.
+    Masks and any other ``poutine.scale`` are kept."""
+    total = 0.0
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"] or name in path_names:
+            continue
+        if site_is_subsample(site):
+            continue
+        minibatch = 1.0
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.full_size != frame.size:
+                minibatch *= frame.full_size / frame.size
+        log_prob = site["fn"].log_prob(site["value"])
+        total = total + scale_and_mask(log_prob, site["scale"] / minibatch, site["mask"]).sum()
+    return total
 
 
 def _detached_net(net):
@@ -458,9 +479,7 @@ class DiffusionGuide(AutoGuide):
                 return trace, prior, None
             # Observations and the guide's values of other latents; not the paths
             # (earlier ones do not depend on this one, later ones are references).
-            names = set(self._path_sites)
-            trace.compute_log_prob(site_filter=lambda n, s: s["is_observed"] and n not in names)
-            log_lik = sum(s["log_prob"].sum() for s in trace.nodes.values() if "log_prob" in s)
+            log_lik = _observation_log_likelihood(trace, set(self._path_sites))
             check = site not in self._coupling_checked
             terms = observation_terms(log_lik, paths.paths[site], create_graph, check)
             self._coupling_checked.add(site)

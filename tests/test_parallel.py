@@ -103,13 +103,17 @@ def test_sharded_objective_is_the_full_data_elbo_on_the_same_draws():
     """Deterministic: replay one full-data guide draw on each shard; the weighted shard
     losses (weights m_s / M) sum to the full-data loss, value and gradient."""
     pyro.clear_param_store()
-    problem, y, guide, _ = make_problem()
+    # Scored with its parameters attached: on replayed (fixed) values the path-derivative
+    # form would leave the loss with no gradient at all to compare.
+    problem, y, guide, _ = make_problem(path_derivative=False)
     elbo = pyro.infer.Trace_ELBO(max_plate_nesting=1)
     with poutine.block(), torch.no_grad():
         full_trace = poutine.trace(guide).get_trace(y)
 
     # A guide of the same name shares the parameters; it is built for a shard's size.
-    shard_guide = DiffusionGuide(problem.model, hidden_dims=(8,), name="parallel_guide")
+    shard_guide = DiffusionGuide(
+        problem.model, hidden_dims=(8,), name="parallel_guide", path_derivative=False
+    )
 
     def loss_on(guide, trace, *args):
         fixed = poutine.replay(guide, trace=trace)
