@@ -119,10 +119,9 @@ class SVIModule(pl.LightningModule):
                 state["params"][name] = value
             params[name] = value
         store.set_state(state)
-        # Keys of a ParameterDict cannot hold dots.
-        self.pyro_params = nn.ParameterDict(
-            {f"p{i}": params[name] for i, name in enumerate(self.param_names)}
-        )
+        # In the order of param_names (a ParameterDict built from a dict sorts its keys,
+        # which would pair "p10" with the third name).
+        self.pyro_params = nn.ParameterList([params[name] for name in self.param_names])
 
     @property
     def model(self) -> Callable:
