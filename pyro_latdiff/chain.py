@@ -245,7 +245,7 @@ class ControlledChain(EulerChain):
     def _clamp(self, x: Tensor) -> Tensor:
         return x if self.bounds is None else x.clamp(*self.bounds)
 
-    def _combine(self, drift, scale, control, log_scale, prior_scale):
+    def _combine(self, drift, scale, control, log_scale):
         """``u = base drift + S c``, ``s = diag(exp(lambda)) S``."""
         if self.noise_type == "diagonal":
             return drift + scale * control, scale * log_scale.exp()
@@ -261,7 +261,7 @@ class ControlledChain(EulerChain):
         if self.kernel is not None:
             drift, scale = self.kernel.step(k, x, drift, scale)
         control, log_scale = self.control.step(k, inside)
-        return self._combine(drift, scale, control, log_scale, scale)
+        return self._combine(drift, scale, control, log_scale)
 
     def path_coefficients(
         self, t: Tensor, previous: Tensor, steps: slice = ALL_STEPS
@@ -271,7 +271,7 @@ class ControlledChain(EulerChain):
         if self.kernel is not None:
             drift, scale = self.kernel.path(previous, drift, scale, steps)
         control, log_scale = self.control.path(t, inside, steps)
-        return self._combine(drift, scale, control, log_scale, scale)
+        return self._combine(drift, scale, control, log_scale)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         path = super().rsample(sample_shape)

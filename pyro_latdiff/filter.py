@@ -230,7 +230,7 @@ class GuidedKernel:
 
     :meth:`step` and :meth:`path` take the prior's ``(drift, scale)`` at the current
     states and return the guided ``(drift, scale)``; the guided scale is a
-    lower-triangular ``(..., D, D)`` matrix (general noise) when ``D > 1`` and is
+    lower-triangular ``(..., D, D)`` matrix (``"triangular"`` noise) when ``D > 1`` and is
     shaped like ``x`` when ``D = 1``. If the prior's noise does not depend on the state
     the tilt is precomputed for the whole grid at construction (a gain, a shift and a
     scale per step), so a step costs a matrix-vector product.
@@ -244,7 +244,7 @@ class GuidedKernel:
         self.H, self.F = H, F
         self.dim = H.shape[-1]
         self.batch_shape = H.shape[1:-2]
-        self.noise_type = "diagonal" if self.dim == 1 else "general"
+        self.noise_type = "diagonal" if self.dim == 1 else "triangular"
         self.prior_noise_type = prior.noise_type
         self.steps = prior.times.diff()
         self._ones = (1,) * (H.dim() - 2)

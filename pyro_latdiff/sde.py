@@ -6,7 +6,9 @@ scale)`` for the transition from ``x_k = x`` at ``t_k`` to ``t_{k+1}``,
     x_{k+1} = x_k + drift h_k + scale sqrt(h_k) xi_k,    xi_k ~ N(0, I_M),
 
 where ``scale`` is shaped like ``x`` (``"diagonal"`` noise, ``M = D``) or is a
-``(..., D, M)`` matrix (``"general"`` noise, torchsde's name). ``k`` is a 0-d
+``(..., D, M)`` matrix (``"general"`` noise, torchsde's name), or a lower-triangular
+``(..., D, D)`` Cholesky factor (``"triangular"``, the library's guided chains: the
+density uses it as it is). ``k`` is a 0-d
 ``int64`` tensor, so a step is found without a host synchronisation.
 
 torchsde steps with a fixed ``dt`` from ``ts[0]`` and interpolates at the output
@@ -52,7 +54,10 @@ Diffusion = float | Tensor | Callable[[Tensor, Tensor], Tensor]
 Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 #: Noise types and the number of trailing dimensions of their scale.
-NOISE_TYPES = {"diagonal": 1, "general": 2}
+NOISE_TYPES = {"diagonal": 1, "general": 2, "triangular": 2}
+#: The noise type torchsde is told: a lower-triangular ``(D, D)`` scale (the library's
+#: own guided chains) is simulated as general noise; only its density differs.
+_TORCHSDE_NOISE = {"diagonal": "diagonal", "general": "general", "triangular": "general"}
 
 _HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
@@ -137,10 +142,10 @@ class _IndexTimeSDE:
     def __init__(self, step: Step, times: Tensor, shape: torch.Size, noise_type: str):
         self.step = step
         self.shape = shape
-        self.noise_type = noise_type
+        self.noise_type = _TORCHSDE_NOISE[noise_type]
         steps = times.diff()
         self._steps = torch.stack([steps, steps.sqrt()], dim=-1)  # one lookup per step
-        self._general = noise_type == "general"
+        self._general = self.noise_type == "general"
 
     def f_and_g_prod(self, s: Tensor, y: Tensor, v: Tensor):
         k = s.to(torch.long)
@@ -174,7 +179,7 @@ def simulate(
     :param torch.Tensor times: the grid ``t_0 < ... < t_N``.
     :param torch.Tensor noise: optional standard normal increments, shape
         ``(N,) + batch_shape + (M,)``.
-    :param str noise_type: ``"diagonal"`` or ``"general"``.
+    :param str noise_type: ``"diagonal"``, ``"general"`` or ``"triangular"``.
     :param int noise_dim: ``M`` (general noise only; ``D`` by default).
     :param int block_size: with gradients on, integrate in checkpointed blocks of this
         many steps: the backward pass recomputes each block from its first state and
@@ -217,8 +222,9 @@ def transition_log_prob(
 
     Time is the leftmost axis of every argument: ``value`` and ``previous`` are
     ``(N,) + batch + (D,)``, ``steps`` is ``(N, 1, ..., 1)``; ``drift`` broadcasts
-    with ``value``; ``scale`` is shaped like ``value`` (diagonal) or ``(..., D, M)``
-    (general: the covariance ``scale scale^T h`` must be positive definite).
+    with ``value``; ``scale`` is shaped like ``value`` (diagonal), ``(..., D, M)``
+    (general: the covariance ``scale scale^T h`` must be positive definite) or a
+    lower-triangular ``(..., D, D)`` factor with a positive diagonal (triangular).
 
     :returns: ``sum_k log N(value_k; previous_k + drift_k h_k, Sigma_k)``, shape ``batch``.
     :raises ValueError: if a general noise covariance is singular, naming the step.
@@ -228,6 +234,8 @@ def transition_log_prob(
         scale = scale * steps.sqrt()
         log_density = -0.5 * (residual / scale).square() - scale.log() - _HALF_LOG_TWO_PI
         return log_density.sum(-1).sum(0)
+    if noise_type == "triangular":
+        return gaussian_log_prob_tril(residual, scale * steps.sqrt().unsqueeze(-1)).sum(0)
     covariance = (scale @ scale.transpose(-1, -2)) * steps.unsqueeze(-1)
     tril, info = torch.linalg.cholesky_ex(covariance)
     if (info > 0).any():
