@@ -43,18 +43,29 @@ __all__ = ["GuidedKernel", "backward_filter", "linearise_drift", "observation_te
 def _jacobian_rows(out: Tensor, inputs: Tensor, create_graph: bool) -> Tensor:
     """``d out[..., i] / d inputs[..., :]`` stacked over ``i``, for an ``out`` whose
     entries depend only on the ``inputs`` entry at the same batch position:
-    ``out.shape[:-1] + (D_out, D_in)``."""
-    rows = []
-    for i in range(out.shape[-1]):
-        (row,) = torch.autograd.grad(
-            out[..., i].sum(),
-            inputs,
-            create_graph=create_graph,
-            retain_graph=True,
-            allow_unused=True,
-        )
-        rows.append(torch.zeros_like(inputs) if row is None else row.expand_as(inputs))
-    return torch.stack(rows, dim=-2)
+    ``out.shape[:-1] + (D_out, D_in)``. All rows in one vectorised backward pass
+    (``is_grads_batched``), or one pass per row where an operation does not vectorise."""
+    dim = out.shape[-1]
+    eye = torch.eye(dim, dtype=out.dtype, device=out.device)
+    basis = eye.reshape((dim,) + (1,) * (out.dim() - 1) + (dim,)).expand((dim,) + out.shape)
+    try:
+        (rows,) = torch.autograd.grad(
+            out, inputs, basis, create_graph=create_graph, retain_graph=True,
+            allow_unused=True, is_grads_batched=True,
+        )  # fmt: skip
+    except RuntimeError:  # an operation without a batching rule
+        rows = None
+        per_row = []
+        for i in range(dim):
+            (row,) = torch.autograd.grad(
+                out[..., i].sum(), inputs, create_graph=create_graph, retain_graph=True,
+                allow_unused=True,
+            )  # fmt: skip
+            per_row.append(torch.zeros_like(inputs) if row is None else row.expand_as(inputs))
+        return torch.stack(per_row, dim=-2)
+    if rows is None:
+        return torch.zeros(inputs.shape + (dim,), dtype=inputs.dtype, device=inputs.device)
+    return rows.expand((dim,) + inputs.shape).movedim(0, -2)
 
 
 def observation_terms(
@@ -104,7 +115,7 @@ def observation_terms(
     precision = -0.5 * (hessian + hessian.transpose(-1, -2))
     if path.shape[-1] == 1:
         precision = precision.clamp(min=0.0)
-    else:
+    elif not _positive_semidefinite(precision.detach()):  # e.g. a heavy-tailed likelihood
         values, vectors = torch.linalg.eigh(precision)
         precision = (vectors * values.clamp(min=0.0).unsqueeze(-2)) @ vectors.transpose(-1, -2)
     reference = path.detach().unsqueeze(-1)
@@ -112,6 +123,16 @@ def observation_terms(
     if not create_graph:
         precision, information = precision.detach(), information.detach()
     return precision.movedim(-3, 0), information.movedim(-2, 0)
+
+
+def _positive_semidefinite(matrix: Tensor) -> bool:
+    """Whether every ``(D, D)`` block is positive semi-definite (to rounding): a Cholesky
+    factorisation with a small relative jitter succeeds everywhere."""
+    scale = matrix.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).clamp(min=1.0)
+    jitter = 1e3 * torch.finfo(matrix.dtype).eps * scale
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    _, info = torch.linalg.cholesky_ex(matrix + jitter.unsqueeze(-1) * eye)
+    return bool((info == 0).all().item())
 
 
 def linearise_drift(
@@ -206,6 +227,19 @@ def backward_filter(
     return torch.stack(Hs[::-1]), torch.stack(Fs[::-1])
 
 
+def _all_diagonal(prior: LatentDiffusion, A: Tensor, precision: Tensor) -> bool:
+    """Whether the linearised chain splits into independent coordinates: diagonal noise,
+    drift Jacobians and observation curvatures (one host synchronisation)."""
+    if A.shape[-1] == 1:
+        return True
+    if prior.noise_type != "diagonal":
+        return False
+    off = [
+        m - torch.diag_embed(m.diagonal(dim1=-2, dim2=-1)) for m in (A.detach(), precision.detach())
+    ]
+    return bool(max(o.abs().max() for o in off).item() == 0)
+
+
 def _backward_filter_scalar(A, a, Q, precision, information):
     """:func:`backward_filter` for ``D = 1``, on tensors without the state axes."""
     A, a, Q = A.unbind(0), a.unbind(0), Q.unbind(0)
@@ -241,27 +275,36 @@ class GuidedKernel:
     """
 
     def __init__(self, H: Tensor, F: Tensor, prior: LatentDiffusion):
+        if H.dim() == F.dim() + 1 and H.shape[-1] == 1:  # 1 x 1 blocks: scalars
+            H = H[..., 0]
         self.H, self.F = H, F
-        self.dim = H.shape[-1]
-        self.batch_shape = H.shape[1:-2]
-        self.noise_type = "diagonal" if self.dim == 1 else "triangular"
+        self.dim = F.shape[-1]
+        # Diagonal: H holds the diagonals (N, batch, D) of diagonal blocks, every
+        # coordinate is its own scalar filter and the guided noise stays diagonal.
+        self.diagonal = H.dim() == F.dim()
+        self.batch_shape = F.shape[1:-1]
+        self.noise_type = "diagonal" if self.diagonal else "triangular"
         self.prior_noise_type = prior.noise_type
         self.steps = prior.times.diff()
-        self._ones = (1,) * (H.dim() - 2)
+        self._ones = (1,) * (F.dim() - 1)
         self._precomputed = None
         if not callable(prior.diffusion):
             h = self.steps.reshape((-1,) + self._ones)
             sigma = prior.diffusion_at(prior.times[0], prior.x0)
-            cov_rate = _covariance(sigma, prior.noise_type, self.dim)
-            self._precomputed = self._tilt(cov_rate, h, H, F)
-            # One lookup per step: (gain, shift, scale) packed along a new last axis
-            # (D = 1), else (gain, scale) packed and shift apart.
+            self._precomputed = self._tilt(self._rate(sigma), h, H, F)
+            # One lookup per step: (gain, shift, scale) packed along the last axis
+            # (diagonal), else (gain, scale) packed and shift apart.
             gain, shift, scale = self._precomputed
-            if self.dim == 1:
+            if self.diagonal:
                 self._packed = (torch.cat(torch.broadcast_tensors(gain, shift, scale), -1),)
             else:
                 gain, scale = torch.broadcast_tensors(gain, scale)
                 self._packed = (torch.stack([gain, scale], -3), shift)
+
+    def _rate(self, sigma: Tensor) -> Tensor:
+        """``sigma sigma^T`` per unit time: its diagonal when the kernel is diagonal."""
+        covariance = _covariance(sigma, self.prior_noise_type, self.dim)
+        return covariance.diagonal(dim1=-2, dim2=-1) if self.diagonal else covariance
 
     @classmethod
     def from_observations(
@@ -274,7 +317,15 @@ class GuidedKernel:
         """The guided kernel of ``prior`` linearised around ``reference`` (``batch +
         (N, D)``), given the observation terms of :func:`observation_terms`."""
         A, a, Q, previous = linearise_drift(prior, reference, create_graph)
-        kernel = cls(*backward_filter(A, a, Q, *terms), prior)
+        precision, information = terms
+        if _all_diagonal(prior, A, precision):  # D independent scalar filters
+            diagonal = lambda m: m.diagonal(dim1=-2, dim2=-1)  # noqa: E731
+            H, F = _backward_filter_scalar(
+                diagonal(A), a, diagonal(Q), diagonal(precision), information
+            )
+        else:
+            H, F = backward_filter(A, a, Q, precision, information)
+        kernel = cls(H, F, prior)
         kernel._linear = (A, a)
         kernel._reference = previous
         return kernel
@@ -313,11 +364,10 @@ class GuidedKernel:
     def _tilt(self, cov_rate: Tensor, h: Tensor, H: Tensor, F: Tensor):
         """Gain ``K = (I + Sigma H)^{-1}``, shift ``K Sigma F`` and guided scale for
         ``Sigma = cov_rate * h``; the tilted mean is ``K m + shift``."""
-        if self.dim == 1:
-            cov = cov_rate[..., 0] * h
-            gain = 1.0 / (1.0 + cov * H[..., 0])
-            scale = (gain * cov_rate[..., 0]).sqrt()
-            return gain, gain * cov * F, scale
+        if self.diagonal:
+            cov = cov_rate * h
+            gain = 1.0 / (1.0 + cov * H)
+            return gain, gain * cov * F, (gain * cov_rate).sqrt()
         cov = cov_rate * h.unsqueeze(-1)
         eye = torch.eye(self.dim, dtype=cov.dtype, device=cov.device)
         gain = torch.linalg.inv(eye + cov @ H)
@@ -327,7 +377,7 @@ class GuidedKernel:
         return gain, shift, scale
 
     def _apply(self, gain: Tensor, mean: Tensor) -> Tensor:
-        if self.dim == 1:
+        if self.diagonal:
             return gain * mean
         return (gain @ mean.unsqueeze(-1)).squeeze(-1)
 
@@ -335,15 +385,14 @@ class GuidedKernel:
         h = at_step(self.steps, k)
         mean = x + drift * h
         if self._precomputed is not None:
-            if self.dim == 1:
-                gain, shift, guided_scale = at_step(self._packed[0], k).split(1, -1)
+            if self.diagonal:
+                gain, shift, guided_scale = at_step(self._packed[0], k).split(self.dim, -1)
             else:
                 gain, guided_scale = at_step(self._packed[0], k).unbind(-3)
                 shift = at_step(self._packed[1], k)
         else:
             H, F = at_step(self.H, k), at_step(self.F, k)
-            cov_rate = _covariance(scale, self.prior_noise_type, self.dim)
-            gain, shift, guided_scale = self._tilt(cov_rate, h, H, F)
+            gain, shift, guided_scale = self._tilt(self._rate(scale), h, H, F)
         guided_mean = self._apply(gain, mean) + shift
         return (guided_mean - x) / h, guided_scale
 
@@ -358,9 +407,8 @@ class GuidedKernel:
         if self._precomputed is not None:
             tables = [table[steps] for table in self._precomputed]
         else:
-            cov_rate = _covariance(scale, self.prior_noise_type, self.dim)
             H, F = self._insert(self.H[steps], extra), self._insert(self.F[steps], extra)
-            tables = self._tilt(cov_rate, h, H, F)
+            tables = self._tilt(self._rate(scale), h, H, F)
             extra = 0
         gain, shift, guided_scale = (self._insert(table, extra) for table in tables)
         guided_mean = self._apply(gain, mean) + shift
