@@ -85,8 +85,9 @@ CASES = [
 @pytest.mark.parametrize("noise, dim, guided, state_dependent", CASES)
 def test_step_by_index_equals_the_whole_path_evaluation(noise, dim, guided, state_dependent):
     fn = prior(noise, dim, state_dependent=state_dependent)
+    terms = control(fn, target=True)
     guide_kernel = kernel(fn, diagonal=guided == "diagonal") if guided else None
-    chain = ControlledChain(fn, control(fn, target=True), guide_kernel)
+    chain = ControlledChain(fn, terms, guide_kernel)
     value = chain.rsample((2,))
     assert value.shape == (2,) + fn.batch_shape + fn.event_shape
     previous = torch.cat([chain.x0.expand(value.shape[:-2] + (dim,)).unsqueeze(-2),
