@@ -12,6 +12,7 @@ from .benes import (
 from .grid import euler_grid_density
 from .linear import LinearSDE, ou_problem, ou_terminal_variance
 from .mixture import GaussianMixture
+from .nonlinear import DOUBLE_WELL_Y, DoubleWellSSM, double_well_reference
 from .ou import ou_drift, ou_expectation_cos, ou_terminal_moments
 from .shared_rate import SharedRateOU
 from .state_space import (
@@ -23,6 +24,8 @@ from .state_space import (
 )
 
 __all__ = [
+    "DOUBLE_WELL_Y",
+    "DoubleWellSSM",
     "EulerMaruyamaExample",
     "EulerMaruyamaPosterior",
     "GaussianMixture",
@@ -38,6 +41,7 @@ __all__ = [
     "benes_terminal_distribution",
     "benes_terminal_moments",
     "benes_transition_density",
+    "double_well_reference",
     "euler_grid_density",
     "ou_drift",
     "ou_expectation_cos",
