@@ -32,3 +32,11 @@ def load(name):
 def test_benchmark_runs_with_smoke(name, argv):
     module = load(name)
     module.main(module.parse_args(argv))
+
+
+def test_nuts_reference_runs_with_smoke(tmp_path):
+    module = load("nuts_reference")
+    out = tmp_path / "reference.json"
+    result = module.main(module.parse_args(["--smoke", "--no-jit", "--out", str(out)]))
+    assert out.stat().st_size > 0
+    assert set(result) == {"theta1", "theta2", "settings"}

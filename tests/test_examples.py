@@ -15,8 +15,15 @@ EXAMPLES = [
     "quickstart.py",
     "sample_gmm.py",
     "score_2d.py",
+    "state_space.py",
 ]
-WRITES_FILES = {"posterior_checks.py", "quickstart.py", "sample_gmm.py", "score_2d.py"}
+WRITES_FILES = {
+    "posterior_checks.py",
+    "quickstart.py",
+    "sample_gmm.py",
+    "score_2d.py",
+    "state_space.py",
+}
 
 
 def test_every_example_is_listed():
@@ -42,3 +49,6 @@ def test_example_runs_with_smoke(name, tmp_path):
         assert (tmp_path / "sample_gmm_drift.png").stat().st_size > 0
     if name == "posterior_checks.py":
         assert (tmp_path / "posterior_checks_bench_a.png").stat().st_size > 0
+    if name == "state_space.py":
+        assert (tmp_path / "state_space_paths.png").stat().st_size > 0
+        assert (tmp_path / "state_space_theta.png").stat().st_size > 0

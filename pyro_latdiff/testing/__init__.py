@@ -12,6 +12,7 @@ from .benes import (
 from .grid import euler_grid_density
 from .linear import LinearSDE, ou_problem, ou_terminal_variance
 from .mixture import GaussianMixture
+from .nonlinear import DOUBLE_WELL_Y, DoubleWellSSM, double_well_reference
 from .observed_path import ObservedRateOU
 from .ou import ou_drift, ou_expectation_cos, ou_terminal_moments
 from .score_references import (
@@ -50,6 +51,8 @@ from .targets import (
 )
 
 __all__ = [
+    "DOUBLE_WELL_Y",
+    "DoubleWellSSM",
     "EulerMaruyamaExample",
     "EulerMaruyamaPosterior",
     "FunnelTarget",
@@ -74,6 +77,7 @@ __all__ = [
     "binary_mmse",
     "binary_mutual_information",
     "binary_path_kl",
+    "double_well_reference",
     "euler_grid_density",
     "exponential_integrator_density_1d",
     "gaussian_cld_law",
