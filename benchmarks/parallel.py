@@ -62,7 +62,8 @@ def worker(args) -> None:
     seconds = (time.perf_counter() - start) / args.svi_steps
     if rank == 0:
         print(json.dumps({"seconds_per_step": seconds}))
-    if distributed:
+    if distributed:  # every rank done before the group goes (gloo aborts otherwise)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
