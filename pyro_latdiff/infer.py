@@ -411,7 +411,18 @@ def _counts_since(guide, before: dict[str, int]) -> dict[str, int]:
 def _guarded_step(svi: SVI, step: int, clip_norm, losses, args, kwargs) -> float:
     """One SVI step that applies the update only if the loss and gradients are finite."""
     with poutine.trace(param_only=True) as capture:
-        loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+        try:
+            loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+        except ValueError as error:
+            # A draw that overflowed reaches a distribution's argument checks as NaN or
+            # inf (e.g. Normal(loc=path)): a divergence, not a bad model.
+            if "found invalid values" not in str(error):
+                raise
+            params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+            pyro.infer.util.zero_grads(set(params))
+            raise _diverged(
+                step, math.nan, [], svi.model, svi.guide, args, kwargs, list(losses)
+            ) from error
     params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
     loss = float(loss)
     bad = [

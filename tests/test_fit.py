@@ -173,3 +173,31 @@ def test_fit_warns_when_the_guide_is_far_from_the_posterior():
         warnings.simplefilter("error", GuideQualityWarning)
         fit(problem.model, DiffusionGuide(problem.model), torch.tensor([1.5]), num_steps=2,
             progress=False)  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_a_draw_that_overflows_into_a_distribution_check_is_a_divergence():
+    """An overflowing path reaches the observation's Normal(loc=...) as NaN: under
+    validation Pyro raises ValueError; fit reports it as FitDivergedError instead."""
+    import pyro.distributions as dist
+
+    from pyro_latdiff import LatentDiffusion
+
+    times = torch.linspace(0.0, 1.0, 6)
+
+    def model(y):
+        rate = pyro.sample("rate", dist.Normal(0.0, 1.0))
+        drift = lambda t, x: rate * 1e200 * x**3  # noqa: E731
+        path = pyro.sample("path", LatentDiffusion(drift, 1.0, torch.ones(1), times))
+        pyro.sample("y", dist.Normal(path[..., -1, :], 0.1).to_event(1), obs=y)
+
+    guide = DiffusionGuide(model, bridge=False)
+    with pytest.raises(FitDivergedError, match=r"fit stopped at step 0: the loss is nan"):
+        fit(
+            model,
+            guide,
+            torch.tensor([1.0]),
+            num_steps=3,
+            progress=False,
+            loss=pyro.infer.Trace_ELBO(max_plate_nesting=0),  # no tracing before step 0
+        )
