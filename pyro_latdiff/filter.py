@@ -214,7 +214,8 @@ def backward_filter(
     F = information[-1].expand(batch + (dim,))
     Hs, Fs = [H], [F]
     for k in range(num_steps - 1, 0, -1):  # from state k + 1 back to state k
-        gain = torch.linalg.inv(eye + H @ Q[k])
+        gain, info = torch.linalg.inv_ex(eye + H @ Q[k])  # singular: NaN, no raise
+        gain = torch.where((info > 0)[..., None, None], torch.nan, gain)
         H_pred = gain @ H
         H_pred = 0.5 * (H_pred + H_pred.transpose(-1, -2))
         F_pred = (gain @ F.unsqueeze(-1)).squeeze(-1)
@@ -370,10 +371,15 @@ class GuidedKernel:
             return gain, gain * cov * F, (gain * cov_rate).sqrt()
         cov = cov_rate * h.unsqueeze(-1)
         eye = torch.eye(self.dim, dtype=cov.dtype, device=cov.device)
-        gain = torch.linalg.inv(eye + cov @ H)
+        # A singular factorisation (states far off after a bad optimiser step) becomes
+        # NaN, so the ELBO is not finite and fit stops with FitDivergedError; no raise,
+        # no host synchronisation.
+        gain, inv_info = torch.linalg.inv_ex(eye + cov @ H)
         shift = (gain @ (cov @ F.unsqueeze(-1))).squeeze(-1)
         rate = gain @ cov_rate
-        scale = torch.linalg.cholesky(0.5 * (rate + rate.transpose(-1, -2)))
+        scale, chol_info = torch.linalg.cholesky_ex(0.5 * (rate + rate.transpose(-1, -2)))
+        failed = ((inv_info > 0) | (chol_info > 0))[..., None, None]
+        scale = torch.where(failed, torch.nan, scale)
         return gain, shift, scale
 
     def _apply(self, gain: Tensor, mean: Tensor) -> Tensor:

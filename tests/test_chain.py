@@ -167,3 +167,17 @@ def test_target_gradient_is_clipped_and_zero_where_not_finite():
     )
     x = torch.tensor([[1.0, 5.0], [-1.0, 0.5]])
     assert torch.equal(gradient(x), torch.tensor([[-2.0, -3.0], [0.0, 0.0]]))
+
+
+def test_a_singular_filter_step_is_nan_not_an_error():
+    """I + H Q singular (curvature that cancels the noise): the filter and the tilt give
+    NaN, which fit reports as a divergence, instead of raising mid-step."""
+    N, D = 4, 2
+    A, a = torch.eye(D).expand(N, D, D), torch.zeros(N, D)
+    Q = torch.eye(D).expand(N, D, D)
+    precision = torch.diag(torch.tensor([-1.0, 1.0])).expand(N, D, D)
+    H, F = backward_filter(A, a, Q, precision, torch.zeros(N, D))
+    assert torch.isnan(H).any()
+    fn = LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(D), torch.linspace(0.0, 1.0, N + 1))
+    tilted = GuidedKernel(precision.clone() * 10, torch.zeros(N, D), fn)
+    assert torch.isnan(tilted._precomputed[2]).any()
