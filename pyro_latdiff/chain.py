@@ -155,11 +155,7 @@ class Control:
     ):
         self.net = net
         self.context = context
-        self.linear_gain = linear_gain
-        self.offset = offset
-        self.log_scale = log_scale
         self.target = target
-        self.target_gain = target_gain
         self._times = times[:-1]
         tables = [linear_gain, offset, log_scale] + ([] if target is None else [target_gain])
         self._tables = torch.stack(tables, dim=1)  # one lookup per step: (N, terms, D)

@@ -340,7 +340,6 @@ class DiffusionGuide(AutoGuide):
         self._normal_sites: list[str] = []
         self._event_dims: dict[str, int] = {}
         self._frames: dict[str, list] = {}
-        self._site_batch: dict[str, torch.Size] = {}
         self._coupling_checked: set[str] = set()
         self._model_has_params = self._find_model_params(*args, **kwargs)
         self.chains = PyroModule()
@@ -370,8 +369,6 @@ class DiffusionGuide(AutoGuide):
             fn = latent_diffusion_of(site["fn"])
             context = self._context(name, self.prototype_trace, args, kwargs, fn.x0)
             times = fn.times
-            batch = site["fn"].batch_shape
-            self._site_batch[name] = batch
             parameters = ChainParameters(
                 fn.num_steps,
                 fn.state_dim,
