@@ -37,7 +37,12 @@ def worker(args) -> None:
     import torch
 
     from pyro_latdiff import DiffusionGuide
-    from pyro_latdiff.parallel import DataParallelSVI, init_process_group, shard_slice
+    from pyro_latdiff.parallel import (
+        DataParallelSVI,
+        destroy_process_group,
+        init_process_group,
+        shard_slice,
+    )
     from pyro_latdiff.testing import SharedRateOU
 
     torch.set_num_threads(1)
@@ -62,9 +67,8 @@ def worker(args) -> None:
     seconds = (time.perf_counter() - start) / args.svi_steps
     if rank == 0:
         print(json.dumps({"seconds_per_step": seconds}))
-    if distributed:  # every rank done before the group goes (gloo aborts otherwise)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if distributed:
+        destroy_process_group()
 
 
 def free_port() -> int:

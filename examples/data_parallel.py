@@ -22,7 +22,12 @@ from pyro.infer import Predictive
 
 from pyro_latdiff import DiffusionGuide
 from pyro_latdiff.infer import default_optim
-from pyro_latdiff.parallel import DataParallelSVI, init_process_group, shard_slice
+from pyro_latdiff.parallel import (
+    DataParallelSVI,
+    destroy_process_group,
+    init_process_group,
+    shard_slice,
+)
 from pyro_latdiff.testing import SharedRateOU
 
 
@@ -58,7 +63,7 @@ def main(args):
         print(f"                exact mean {mean:.4f} sd {sd:.4f}")
         result.update(mean=theta.mean().item(), sd=theta.std().item())
     if distributed:
-        torch.distributed.destroy_process_group()
+        destroy_process_group()
     return result
 
 

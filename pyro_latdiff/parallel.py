@@ -42,7 +42,7 @@ from torch import Tensor
 from ._validation import check_positive_int
 from .infer import FitDivergedError
 
-__all__ = ["DataParallelSVI", "init_process_group", "shard_slice"]
+__all__ = ["DataParallelSVI", "destroy_process_group", "init_process_group", "shard_slice"]
 
 
 def shard_slice(num_items: int, shard: int, num_shards: int) -> slice:
@@ -97,6 +97,18 @@ def init_process_group(backend: str | None = None) -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch_dist.init_process_group(backend, init_method="env://")
     return torch_dist.get_rank(), torch_dist.get_world_size()
+
+
+def destroy_process_group() -> None:
+    """Leave the process group :func:`init_process_group` joined, after a barrier.
+
+    Without the barrier a rank that finishes first can tear down its gloo pairs while
+    another is still talking to it, and that rank aborts at exit ("terminate called
+    without an active exception"). A no-op when no group is initialised.
+    """
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
 
 
 def _shard_seed(seed: int, step: int, shard: int) -> int:
@@ -156,6 +168,7 @@ class DataParallelSVI:
                               shard_fn=shard_fn)
         for step in range(1000):
             loss = svi.step(y)                         # the same loss on every rank
+        destroy_process_group()                         # barrier, then leave
 
     :param callable model: Pyro model whose arguments are a shard's data.
     :param callable guide: its guide (e.g. :class:`~pyro_latdiff.DiffusionGuide`); its

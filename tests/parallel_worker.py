@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pyro  # noqa: E402
 import torch  # noqa: E402
 
-from pyro_latdiff.parallel import DataParallelSVI, init_process_group  # noqa: E402
+from pyro_latdiff.parallel import DataParallelSVI, destroy_process_group, init_process_group  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from parallel_problem import make_problem, shard_fn  # noqa: E402
@@ -28,7 +28,7 @@ def main(path: str, num_steps: int) -> None:
     losses = [svi.step(y) for _ in range(num_steps)]
     if rank == 0:
         torch.save({"params": svi.parameters(), "losses": losses}, path)
-    torch.distributed.destroy_process_group()
+    destroy_process_group()
 
 
 if __name__ == "__main__":
