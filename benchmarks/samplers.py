@@ -208,7 +208,7 @@ def main(args):
     for name in args.targets:
         target = CONFIG[name]["make"](args.dtype)
         exact = target.sample(args.mmd_samples, generator=torch.Generator().manual_seed(123))
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             budget = None
             for loss in args.losses:
                 sampler, estimate, samples, seconds, evaluations = run_learned(
@@ -245,6 +245,8 @@ def parse_args(argv=None):
     parser.add_argument("--targets", nargs="+", default=["gmm9"], choices=sorted(CONFIG))
     parser.add_argument("--losses", nargs="+", default=["kl", "log_variance"])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, ...")
+    parser.add_argument("--sigma", type=float, help="the reference's noise, for every target")
     parser.add_argument("--fit-steps", type=int, default=1500)
     parser.add_argument("--num-steps", type=int, default=50, help="Euler steps on [0, 1]")
     parser.add_argument("--particles", type=int, default=64)
@@ -264,6 +266,9 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     args = parser.parse_args(argv)
     args.dtype = torch.float64 if args.float64 else torch.float32
+    if args.sigma is not None:
+        for config in CONFIG.values():
+            config["sigma"] = args.sigma
     if args.smoke:
         args.seeds, args.fit_steps, args.num_steps, args.particles = 1, 2, 5, 8
         args.eval_samples, args.mmd_samples, args.num_inner = 50, 50, 4
