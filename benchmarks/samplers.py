@@ -110,7 +110,7 @@ def run_learned(name, target, loss, seed, args):
     seconds = time.perf_counter() - start
     evaluations = sampler.density.num_evaluations
     estimate = sampler.log_normalizer(args.eval_samples)
-    samples = sampler.sample(args.mmd_samples)
+    samples = sampler.sample(max(args.mmd_samples, args.mass_samples))
     return sampler, estimate, samples, seconds, evaluations
 
 
@@ -148,7 +148,7 @@ def run_importance(name, target, budget, args):
     estimate = LogNormalizerEstimate.from_log_weights(torch.cat(chunks), budget)
     # Samples for the MMD and mode masses: resampled by weight from the first chunk.
     weights = torch.softmax(chunks[0], 0)
-    index = torch.multinomial(weights, args.mmd_samples, replacement=True)
+    index = torch.multinomial(weights, max(args.mmd_samples, args.mass_samples), replacement=True)
     return estimate, proposals[index], time.perf_counter() - start, budget
 
 
@@ -258,6 +258,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-inner", type=int, default=64)
     parser.add_argument("--eval-samples", type=int, default=4000)
     parser.add_argument("--mmd-samples", type=int, default=1000)
+    parser.add_argument("--mass-samples", type=int, default=10000, help="draws for the mode masses")
     parser.add_argument("--max-baseline-paths", type=int, default=4000)
     parser.add_argument("--float64", action="store_true")
     parser.add_argument("--bias-vs-k", action="store_true", help="the training-free bias table")
@@ -272,6 +273,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.seeds, args.fit_steps, args.num_steps, args.particles = 1, 2, 5, 8
         args.eval_samples, args.mmd_samples, args.num_inner = 50, 50, 4
+        args.mass_samples = 50
         args.max_baseline_paths = 50
         args.bias_k, args.bias_paths = [4], 20
     return args
