@@ -223,6 +223,19 @@ def chunk_size_or_default(
     return check_positive_int("chunk_size", chunk_size, strict=strict)
 
 
+def check_provides(
+    name: str, value, required: tuple[str, ...], error: type[Exception] = ValueError
+) -> None:
+    """``value`` has every attribute in ``required`` (duck typing), else one ``error``
+    naming the argument, what it must provide and what it lacks."""
+    missing = [attr for attr in required if not hasattr(value, attr)]
+    if missing:
+        raise error(
+            f"Expected `{name}` to provide {', '.join(required)}, "
+            f"actual {type(value).__name__} lacks {', '.join(missing)}"
+        )
+
+
 def check_positive_float(name: str, value) -> float:
     """``value`` is a positive finite number; return it as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -382,3 +382,16 @@ def test_short_training_on_the_ring_mixture_gives_ordered_honest_bounds():
     assert mean["iw"] < mean["elbo"]
     for k in gaps:
         assert mean[k] > -3 * se[k], (k, mean[k], se[k])
+
+
+def test_objects_without_the_needed_attributes_are_one_error_naming_the_argument():
+    from pyro_latdiff.score.samplers import reverse_sde_euler
+
+    with pytest.raises(TypeError, match=r"Expected `process` to provide .* lacks transition_coefs"):
+        ScoreModel(object(), 2)
+    with pytest.raises(TypeError, match=r"Expected `score_model` to provide .* lacks process"):
+        ContinuousTimeELBO(object())
+    with pytest.raises(TypeError, match=r"Expected `score_model` .* lacks process"):
+        DenoisingScoreMatching(object())
+    with pytest.raises(ValueError, match=r"Expected `process` to provide .* lacks horizon"):
+        reverse_sde_euler(lambda t, x: -x, object(), 4, 10, state_dim=2)

@@ -49,7 +49,7 @@ import torch
 from pyro.infer import ELBO
 from torch import Tensor, nn
 
-from .._validation import check_positive_int
+from .._validation import check_positive_int, check_provides
 from .model import check_data
 
 __all__ = ["ContinuousTimeELBO", "DenoisingScoreMatching"]
@@ -86,12 +86,12 @@ class _ContinuousLoss(ELBO):
         time_sampling: str = "uniform",
     ):
         check_positive_int("num_particles", num_particles)
-        for attr in ("process", "score", "state_dim", "subsample_size"):
-            if not hasattr(score_model, attr):
-                raise TypeError(
-                    "Expected `score_model` to be a ScoreModel (with "
-                    f"{attr}), actual {type(score_model).__name__}"
-                )
+        check_provides(
+            "score_model",
+            score_model,
+            ("process", "score", "state_dim", "subsample_size"),
+            TypeError,
+        )
         horizon = float(score_model.process.horizon)
         if isinstance(truncation, bool) or not (
             isinstance(truncation, (int, float)) and 0 <= truncation < horizon

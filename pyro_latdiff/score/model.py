@@ -48,7 +48,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_positive_int, check_times, shape_of
+from .._validation import check_positive_int, check_provides, check_times, shape_of
 from ..distribution import LatentDiffusion
 from .network import ScoreNetwork, check_score
 from .noising import ForwardNoising
@@ -201,12 +201,12 @@ class ScoreModel:
         check_positive_int("num_steps", num_steps, minimum=2)
         if subsample_size is not None:
             check_positive_int("subsample_size", subsample_size)
-        for attr in ("transition_coefs", "marginal_coefs", "drift_coef", "diffusion_coef"):
-            if not hasattr(process, attr):
-                raise TypeError(
-                    "Expected `process` to be a scalar-coefficient linear process (with "
-                    f"{attr}), actual {type(process).__name__}"
-                )
+        check_provides(
+            "process",
+            process,
+            ("transition_coefs", "marginal_coefs", "drift_coef", "diffusion_coef"),
+            TypeError,
+        )
         horizon = float(process.horizon)
         if times is None:
             times = torch.linspace(0.0, horizon, num_steps + 1)

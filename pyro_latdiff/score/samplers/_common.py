@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from ..._validation import check_positive_int, shape_of
+from ..._validation import check_positive_int, check_provides, shape_of
 
 LINEAR_PROCESS = ("horizon", "drift_coef", "diffusion_coef", "marginal_coefs", "prior")
 
@@ -30,12 +30,7 @@ class SampleResult(NamedTuple):
 
 
 def check_process(process, required: tuple[str, ...] = LINEAR_PROCESS) -> None:
-    missing = [name for name in required if not hasattr(process, name)]
-    if missing:
-        raise ValueError(
-            f"Expected `process` to provide {', '.join(required)}, "
-            f"actual {type(process).__name__} lacks {', '.join(missing)}"
-        )
+    check_provides("process", process, required)
 
 
 def as_coef(value, like: Tensor) -> Tensor:
