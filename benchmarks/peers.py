@@ -47,7 +47,7 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 from pyro.infer import MCMC, NUTS, Predictive  # noqa: E402
 
-from pyro_latdiff import DiffusionGuide, fit  # noqa: E402
+from pyro_latdiff import DiffusionGuide, fit, importance_mean, to_inference_data  # noqa: E402
 from pyro_latdiff.testing import ObservedRateOU, SharedRateOU, ou_problem  # noqa: E402
 
 METHODS = ["svi", "svi_is", "pyro_nuts", "numpyro_nuts", "pymc_nuts"]
@@ -139,8 +139,6 @@ def moments_error(problem: Problem, mean: float, sd: float) -> float:
 
 def _importance_weighted_error(problem: Problem, guide) -> float:
     """The error of the importance-weighted mean and sd of the quantity, from 1000 draws."""
-    from pyro_latdiff import importance_mean, to_inference_data
-
     data = to_inference_data(problem.model, guide, problem.data, num_samples=250)  # x 4 chains
     name = {"X_T": "path"}.get(problem.quantity, problem.quantity)
     pick = (lambda post: post[name][..., -1, 0]) if name == "path" else (lambda post: post[name])
