@@ -40,6 +40,7 @@ as :class:`~pyro_latdiff.filter.GuidedKernel`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -160,12 +161,22 @@ class Control:
         tables = [linear_gain, offset, log_scale] + ([] if target is None else [target_gain])
         self._tables = torch.stack(tables, dim=1)  # one lookup per step: (N, terms, D)
         self._step_net = None
+        self._offset = 0
         if isinstance(net, NeuralDrift):  # time and context inputs once for the grid
             self._step_net = net.on_grid(self._times, context)
 
+    def window(self, steps: slice) -> Control:
+        """The same control, with what :meth:`step` precomputes made for the steps
+        ``steps`` only (one checkpointed block)."""
+        new = copy.copy(self)
+        if isinstance(self.net, NeuralDrift):
+            new._step_net = self.net.on_grid(self._times[steps], self.context)
+            new._offset = steps.start
+        return new
+
     def step(self, k: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         if self._step_net is not None:
-            out = self._step_net(k, x)
+            out = self._step_net(k - self._offset if self._offset else k, x)
         else:
             out = self.net(at_step(self._times, k), x, self.context)
         control, log_scale = out.chunk(2, dim=-1)
@@ -237,6 +248,13 @@ class ControlledChain(EulerChain):
         if control.context is not None:
             batch_shape = torch.broadcast_shapes(batch_shape, control.context.shape[:-1])
         self._init_chain(batch_shape, validate_args=False)
+
+    def window(self, steps: slice) -> ControlledChain:
+        new = copy.copy(self)
+        new.control = self.control.window(steps)
+        if self.kernel is not None:
+            new.kernel = self.kernel.window(steps)
+        return new
 
     def _clamp(self, x: Tensor) -> Tensor:
         return x if self.bounds is None else x.clamp(*self.bounds)

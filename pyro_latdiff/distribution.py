@@ -7,16 +7,17 @@ from collections.abc import Callable
 import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from ._validation import (
     check_diffusion,
     check_noise_type,
     check_output,
+    check_positive_int,
     check_times,
     check_x0,
     shape_of,
 )
+from .checkpoint import checkpoint_block
 from .sde import NOISE_TYPES, Diffusion, at_step, constant_diffusion, simulate, transition_log_prob
 
 __all__ = ["ALL_STEPS", "EulerChain", "LatentDiffusion", "latent_diffusion_of"]
@@ -48,8 +49,10 @@ class EulerChain(TorchDistribution):
     noise_type: str
     noise_dim: int
     #: Steps per checkpointed block (``None``: none). With it, :meth:`rsample` and
-    #: :meth:`log_prob` keep the activations of one block of steps at a time for the
-    #: backward pass and recompute the rest, so memory does not grow with ``N``.
+    #: :meth:`log_prob` run one block of steps at a time, recorded for the backward pass
+    #: as one node that recomputes the block
+    #: (:func:`~pyro_latdiff.checkpoint.checkpoint_block`), so memory does not grow
+    #: with ``N``.
     block_size: int | None = None
 
     def _init_chain(self, batch_shape: torch.Size, validate_args) -> None:
@@ -98,8 +101,9 @@ class EulerChain(TorchDistribution):
         shape = self._extended_shape(sample_shape)[:-2]
         x0 = self.x0.expand(shape + self.x0.shape[-1:])
         return simulate(
-            self.step, x0, self.times, None, self.noise_type, self.noise_dim, self.block_size
-        )
+            self.step, x0, self.times, None, self.noise_type, self.noise_dim, self.block_size,
+            lambda steps: self.window(steps).step,
+        )  # fmt: skip
 
     def log_prob(self, value: Tensor) -> Tensor:
         if not isinstance(value, Tensor):
@@ -116,25 +120,35 @@ class EulerChain(TorchDistribution):
         x0 = self.x0.expand(batch + self.x0.shape[-1:])
         # Time axis leftmost: (N,) + sample_shape + batch_shape + (D,).
         value = value.movedim(-2, 0)
-        previous = torch.cat([x0.unsqueeze(0), value[:-1]], dim=0)
         steps = self.times.diff().reshape((-1,) + (1,) * (value.dim() - 1))
         t = self.times[:-1].reshape(steps.shape)
         size = self.block_size
-        if size is None or size >= self.num_steps or not torch.is_grad_enabled():
+        if size is None or size >= self.num_steps:
+            previous = torch.cat([x0.unsqueeze(0), value[:-1]], dim=0)
             return self._log_prob_of_steps(value, previous, t, steps, ALL_STEPS)
-        total = 0.0
-        for start in range(0, self.num_steps, size):
-            window = slice(start, start + size)
-            total = total + checkpoint(
-                self._log_prob_of_steps,
-                value[window],
-                previous[window],
-                t[window],
-                steps[window],
-                window,
-                use_reentrant=False,
-            )
+        total, before = 0.0, x0
+        # split, not indexing: the backward pass joins the blocks' gradients once
+        pieces = zip(value.split(size), t.split(size), steps.split(size), strict=True)
+        for start, (value_k, t_k, steps_k) in zip(
+            range(0, self.num_steps, size), pieces, strict=True
+        ):
+            window = slice(start, start + value_k.shape[0])
+
+            def block(value, before, t=t_k, steps=steps_k, window=window):
+                # the block's states before each step and its chain are made inside the
+                # block: recomputed in the backward pass, not kept
+                previous = torch.cat([before.unsqueeze(0), value[:-1]], dim=0)
+                return self.window(window)._log_prob_of_steps(value, previous, t, steps, window)
+
+            total = total + checkpoint_block(block, value_k, before)
+            before = value_k[-1]
         return total
+
+    def window(self, steps: slice) -> EulerChain:
+        """The chain to use for the steps ``steps`` (a ``slice`` of the grid's) of one
+        block: ``self``, unless the chain precomputes per-step tables, which it then
+        makes for those steps only (see :attr:`block_size`)."""
+        return self
 
     def _log_prob_of_steps(self, value, previous, t, steps, window: slice) -> Tensor:
         drift, scale = self.path_coefficients(t, previous, window)
@@ -196,6 +210,9 @@ class LatentDiffusion(EulerChain):
     :param torch.Tensor times: 1-D strictly increasing grid of ``N + 1 >= 2`` points,
         uniform or not, with the dtype and device of ``x0``.
     :param str noise_type: ``"diagonal"`` (default) or ``"general"``.
+    :param int block_size: memory flat in the number of steps: :meth:`rsample` and
+        :meth:`log_prob` run in checkpointed blocks of this many steps (same values and
+        gradients; a :class:`~pyro_latdiff.DiffusionGuide` of the model takes it too).
     :param bool validate_args: as for every Pyro distribution.
 
     References: Tzen & Raginsky (2019), *Neural stochastic differential equations: deep
@@ -210,9 +227,12 @@ class LatentDiffusion(EulerChain):
         times: Tensor,
         *,
         noise_type: str = "diagonal",
+        block_size: int | None = None,
         validate_args: bool | None = None,
     ):
         check_times(times)
+        if block_size is not None:
+            check_positive_int("block_size", block_size)
         check_x0(x0, times)
         check_noise_type(noise_type)
         general = noise_type == "general"
@@ -240,6 +260,7 @@ class LatentDiffusion(EulerChain):
         self._diffusion_fn = constant_diffusion(diffusion, x0)
         self.x0 = x0
         self.times = times
+        self.block_size = block_size
         self._init_chain(batch_shape, validate_args)
 
     def step(self, k: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:

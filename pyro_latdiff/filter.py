@@ -31,13 +31,22 @@ modified diffusion bridge.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
+from .checkpoint import checkpoint_block
 from .distribution import ALL_STEPS, LatentDiffusion
 from .sde import at_step
 
-__all__ = ["GuidedKernel", "backward_filter", "linearise_drift", "observation_terms"]
+__all__ = [
+    "BlockedGuidedKernel",
+    "GuidedKernel",
+    "backward_filter",
+    "linearise_drift",
+    "observation_terms",
+]
 
 
 def _jacobian_rows(out: Tensor, inputs: Tensor, create_graph: bool) -> Tensor:
@@ -137,7 +146,7 @@ def _positive_semidefinite(matrix: Tensor) -> bool:
 
 def linearise_drift(
     prior: LatentDiffusion, reference: Tensor, create_graph: bool = True
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The Euler chain linearised around a reference path, all steps at once.
 
     :param LatentDiffusion prior: the model's chain.
@@ -147,29 +156,41 @@ def linearise_drift(
         ``(N,) + batch + (D,)``, ``(N,) + batch + (D, D)`` (see the module docstring),
         and the states ``x_0 .. x_{N-1}`` linearised at, ``(N,) + batch + (D,)``.
     """
+    previous = _previous_states(prior, reference)
+    return (*_linearise_steps(prior, previous, ALL_STEPS, create_graph), previous)
+
+
+def _previous_states(prior: LatentDiffusion, reference: Tensor) -> Tensor:
+    """``x_0 .. x_{N-1}`` of a reference path ``x_1 .. x_N``, time leftmost, detached."""
     batch = torch.broadcast_shapes(reference.shape[:-2], prior.batch_shape)
     reference = reference.detach().expand(batch + reference.shape[-2:])
-    x0 = prior.x0.expand(batch + prior.x0.shape[-1:])
-    previous = torch.cat([x0.unsqueeze(-2), reference[..., :-1, :]], dim=-2).movedim(-2, 0)
+    x0 = prior.x0.detach().expand(batch + prior.x0.shape[-1:])
+    return torch.cat([x0.unsqueeze(-2), reference[..., :-1, :]], dim=-2).movedim(-2, 0)
+
+
+def _linearise_steps(
+    prior: LatentDiffusion, previous: Tensor, steps: slice, create_graph: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(A, a, Q)`` of the steps ``steps`` at the states ``previous`` (``(K,) + batch
+    + (D,)``, the states those steps start from)."""
     num_steps, dim = previous.shape[0], previous.shape[-1]
     ones = (1,) * (previous.dim() - 1)
-    steps = prior.times.diff().reshape((num_steps,) + ones)
-    t = prior.times[:-1].reshape(steps.shape)
+    h = prior.times.diff()[steps].reshape((num_steps,) + ones)
+    t = prior.times[:-1][steps].reshape(h.shape)
     with torch.enable_grad():
         previous = previous.detach().requires_grad_()
         drift = prior.drift(t, previous).expand_as(previous)
         jacobian = _jacobian_rows(drift, previous, create_graph)
     previous = previous.detach()
     eye = torch.eye(dim, dtype=previous.dtype, device=previous.device)
-    step_matrix = steps.unsqueeze(-1)
+    step_matrix = h.unsqueeze(-1)
     A = eye + jacobian * step_matrix
-    a = (drift - (jacobian @ previous.unsqueeze(-1)).squeeze(-1)) * steps
+    a = (drift - (jacobian @ previous.unsqueeze(-1)).squeeze(-1)) * h
     if not create_graph:
         A, a = A.detach(), a.detach()
     sigma = prior.diffusion_at(t, previous)
     Q = _covariance(sigma, prior.noise_type, dim) * step_matrix
-    Q = Q.expand(A.shape)
-    return A, a, Q, previous
+    return A, a, Q.expand(A.shape)
 
 
 def _covariance(scale: Tensor, noise_type: str, dim: int) -> Tensor:
@@ -196,36 +217,68 @@ def backward_filter(
         at index ``j - 1``, the quadratic log h-function of state ``x_j`` given every
         observation from ``j`` on, ``log h_j(x) = -x^T H x / 2 + F^T x + const``.
     """
-    num_steps = A.shape[0]
-    batch = torch.broadcast_shapes(
-        A.shape[1:-2], a.shape[1:-1], Q.shape[1:-2], precision.shape[1:-2], information.shape[1:-1]
-    )
     dim = A.shape[-1]
     if dim == 1:  # scalars: no linear algebra on 1 x 1 matrices
         H, F = _backward_filter_scalar(
             A[..., 0, 0], a[..., 0], Q[..., 0, 0], precision[..., 0, 0], information[..., 0]
         )
-        H, F = H.expand((num_steps,) + batch), F.expand((num_steps,) + batch)
         return H[..., None, None], F[..., None]
-    eye = torch.eye(dim, dtype=A.dtype, device=A.device)
+    H, F, _ = _filter_back(A, a, Q, *_start_terms(precision, information), False)
+    return H, F
+
+
+def _start_terms(precision: Tensor, information: Tensor):
+    """The observation terms of the states ``x_0 .. x_{N-1}`` that transitions start
+    from (none for ``x_0``), and those of ``x_N`` to start the recursion from."""
+    starts = [None] + list(zip(precision[:-1].unbind(0), information[:-1].unbind(0), strict=True))
+    return starts, precision[-1], information[-1]
+
+
+def _filter_back(A, a, Q, starts, H, F, diagonal: bool):
+    """The backward filter over transitions ``K - 1, ..., 0`` (time leftmost ``A, a,
+    Q``; with ``diagonal``, vectors of diagonals), from ``(H, F)`` of the state the
+    last one ends in; ``starts[j]`` is ``None`` or the observation terms ``(P, f)``
+    of the state transition ``j`` starts from. Returns ``(H, F)`` of the states after
+    each transition, time leftmost, and ``(H, F)`` of the state before the first."""
     A, a, Q = A.unbind(0), a.unbind(0), Q.unbind(0)
-    precision, information = precision.unbind(0), information.unbind(0)
-    H = precision[-1].expand(batch + (dim, dim))
-    F = information[-1].expand(batch + (dim,))
-    Hs, Fs = [H], [F]
-    for k in range(num_steps - 1, 0, -1):  # from state k + 1 back to state k
-        gain, info = torch.linalg.inv_ex(eye + H @ Q[k])  # singular: NaN, no raise
-        gain = torch.where((info > 0)[..., None, None], torch.nan, gain)
-        H_pred = gain @ H
-        H_pred = 0.5 * (H_pred + H_pred.transpose(-1, -2))
-        F_pred = (gain @ F.unsqueeze(-1)).squeeze(-1)
-        shifted = F_pred - (H_pred @ a[k].unsqueeze(-1)).squeeze(-1)
-        At = A[k].transpose(-1, -2)
-        H = At @ H_pred @ A[k] + precision[k - 1]
-        F = (At @ shifted.unsqueeze(-1)).squeeze(-1) + information[k - 1]
+    Hs, Fs = [], []
+    for j in range(len(A) - 1, -1, -1):  # from state j + 1 back to state j
         Hs.append(H)
         Fs.append(F)
-    return torch.stack(Hs[::-1]), torch.stack(Fs[::-1])
+        if diagonal:
+            gain = 1.0 / (1.0 + H * Q[j])
+            H_pred, F_pred = gain * H, gain * F
+            H = A[j].square() * H_pred
+            F = A[j] * (F_pred - H_pred * a[j])
+        else:
+            eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+            gain, info = torch.linalg.inv_ex(eye + H @ Q[j])  # singular: NaN, no raise
+            gain = torch.where((info > 0)[..., None, None], torch.nan, gain)
+            H_pred = gain @ H
+            H_pred = 0.5 * (H_pred + H_pred.transpose(-1, -2))
+            F_pred = (gain @ F.unsqueeze(-1)).squeeze(-1)
+            shifted = F_pred - (H_pred @ a[j].unsqueeze(-1)).squeeze(-1)
+            At = A[j].transpose(-1, -2)
+            H = At @ H_pred @ A[j]
+            F = (At @ shifted.unsqueeze(-1)).squeeze(-1)
+        if starts[j] is not None:
+            H, F = H + starts[j][0], F + starts[j][1]
+    Hs, Fs = Hs[::-1], Fs[::-1]
+    if diagonal:  # H and F alike
+        shape_h = shape_f = torch.broadcast_shapes(*(h.shape for h in Hs + Fs))
+    else:
+        shape_h = torch.broadcast_shapes(*(h.shape for h in Hs))
+        shape_f = torch.broadcast_shapes(*(f.shape for f in Fs))
+    H_all = torch.stack([h.expand(shape_h) for h in Hs])
+    F_all = torch.stack([f.expand(shape_f) for f in Fs])
+    return H_all, F_all, (H, F)
+
+
+def _backward_filter_scalar(A, a, Q, precision, information):
+    """:func:`backward_filter` for independent coordinates: every argument holds the
+    diagonals (or scalars for ``D = 1``), without the matrix axes."""
+    H, F, _ = _filter_back(A, a, Q, *_start_terms(precision, information), True)
+    return H, F
 
 
 def _all_diagonal(prior: LatentDiffusion, A: Tensor, precision: Tensor) -> bool:
@@ -235,28 +288,55 @@ def _all_diagonal(prior: LatentDiffusion, A: Tensor, precision: Tensor) -> bool:
         return True
     if prior.noise_type != "diagonal":
         return False
-    off = [
-        m - torch.diag_embed(m.diagonal(dim1=-2, dim2=-1)) for m in (A.detach(), precision.detach())
-    ]
-    return bool(max(o.abs().max() for o in off).item() == 0)
+    return bool(_off_diagonal(A, precision).item() == 0)
 
 
-def _backward_filter_scalar(A, a, Q, precision, information):
-    """:func:`backward_filter` for ``D = 1``, on tensors without the state axes."""
-    A, a, Q = A.unbind(0), a.unbind(0), Q.unbind(0)
-    precision, information = precision.unbind(0), information.unbind(0)
-    H, F = precision[-1], information[-1]
-    Hs, Fs = [H], [F]
-    for k in range(len(A) - 1, 0, -1):
-        gain = 1.0 / (1.0 + H * Q[k])
-        H_pred, F_pred = gain * H, gain * F
-        H = A[k].square() * H_pred + precision[k - 1]
-        F = A[k] * (F_pred - H_pred * a[k]) + information[k - 1]
-        Hs.append(H)
-        Fs.append(F)
-    Hs, Fs = Hs[::-1], Fs[::-1]
-    batch = torch.broadcast_shapes(*(h.shape for h in Hs), *(f.shape for f in Fs))
-    return torch.stack([h.expand(batch) for h in Hs]), torch.stack([f.expand(batch) for f in Fs])
+def _off_diagonal(*matrices: Tensor) -> Tensor:
+    """The largest off-diagonal magnitude of ``matrices`` (a 0-d tensor)."""
+    off = [(m - torch.diag_embed(m.diagonal(dim1=-2, dim2=-1))).detach().abs().max()
+           for m in matrices]  # fmt: skip
+    return torch.stack(off).max()
+
+
+def _probe_noise(reference: Tensor) -> Tensor:
+    """A fixed pseudo-random direction shaped like ``reference`` (the global random
+    state untouched)."""
+    generator = torch.Generator(device=reference.device).manual_seed(0)
+    noise = torch.randn(reference.shape, generator=generator, device=reference.device)
+    return noise.to(reference.dtype)
+
+
+def _linearisation_error(prior, A, a, reference, noise, steps: slice) -> tuple[Tensor, Tensor]:
+    """The largest error of the linearised Euler mean of the steps ``steps`` at the
+    states ``reference`` (time leftmost) displaced by ``noise``, and the largest
+    exact mean (0-d tensors)."""
+    previous = reference + noise * (1.0 + reference.abs())
+    h = prior.times.diff()[steps].reshape((-1,) + (1,) * (previous.dim() - 1))
+    t = prior.times[:-1][steps].reshape(h.shape)
+    exact = previous + prior.drift(t, previous) * h
+    linear = (A.detach() @ previous.unsqueeze(-1)).squeeze(-1) + a.detach()
+    return (exact - linear).abs().max(), exact.abs().max()
+
+
+def _is_rounding(error: Tensor, size: Tensor) -> bool:
+    """Whether ``error`` is rounding for numbers of magnitude ``size``."""
+    return bool((error <= 1e3 * torch.finfo(size.dtype).eps * (1.0 + size)).item())
+
+
+def _noise_free_path(prior: LatentDiffusion, batch_shape, kernels) -> Tensor:
+    """The path of guided kernels without noise from ``x0``, ``batch + (N, D)``:
+    ``kernels`` gives ``(kernel, steps)`` pairs, each kernel for its range of steps."""
+    batch = torch.broadcast_shapes(batch_shape, prior.batch_shape)
+    x = prior.x0.expand(batch + prior.x0.shape[-1:])
+    h = prior.times.diff()
+    states = []
+    for kernel, steps in kernels:
+        for k in steps:
+            index = torch.tensor(k, device=x.device)
+            drift, _ = kernel.step(index, x, *prior.step(index, x))
+            x = x + drift * h[k]
+            states.append(x)
+    return torch.stack(states, dim=-2)
 
 
 class GuidedKernel:
@@ -275,10 +355,13 @@ class GuidedKernel:
     :param LatentDiffusion prior: the model's chain.
     """
 
-    def __init__(self, H: Tensor, F: Tensor, prior: LatentDiffusion):
+    def __init__(self, H: Tensor, F: Tensor, prior: LatentDiffusion, offset: int = 0):
         if H.dim() == F.dim() + 1 and H.shape[-1] == 1:  # 1 x 1 blocks: scalars
             H = H[..., 0]
         self.H, self.F = H, F
+        # H and F are those of the steps offset, offset + 1, ... (one block of them).
+        self._offset = offset
+        self._span = slice(offset, offset + H.shape[0])
         self.dim = F.shape[-1]
         # Diagonal: H holds the diagonals (N, batch, D) of diagonal blocks, every
         # coordinate is its own scalar filter and the guided noise stays diagonal.
@@ -290,7 +373,7 @@ class GuidedKernel:
         self._ones = (1,) * (F.dim() - 1)
         self._precomputed = None
         if not callable(prior.diffusion):
-            h = self.steps.reshape((-1,) + self._ones)
+            h = self.steps[self._span].reshape((-1,) + self._ones)
             sigma = prior.diffusion_at(prior.times[0], prior.x0)
             self._precomputed = self._tilt(self._rate(sigma), h, H, F)
             # One lookup per step: (gain, shift, scale) packed along the last axis
@@ -301,6 +384,11 @@ class GuidedKernel:
             else:
                 gain, scale = torch.broadcast_tensors(gain, scale)
                 self._packed = (torch.stack([gain, scale], -3), shift)
+
+    def window(self, steps: slice) -> GuidedKernel:
+        """The kernel for the steps ``steps`` of one checkpointed block: itself (its
+        tables cover the grid)."""
+        return self
 
     def _rate(self, sigma: Tensor) -> Tensor:
         """``sigma sigma^T`` per unit time: its diagonal when the kernel is diagonal."""
@@ -314,9 +402,13 @@ class GuidedKernel:
         reference: Tensor,
         terms: tuple[Tensor, Tensor],
         create_graph: bool = True,
-    ) -> GuidedKernel:
+        block_size: int | None = None,
+    ) -> GuidedKernel | BlockedGuidedKernel:
         """The guided kernel of ``prior`` linearised around ``reference`` (``batch +
-        (N, D)``), given the observation terms of :func:`observation_terms`."""
+        (N, D)``), given the observation terms of :func:`observation_terms`; with
+        ``block_size`` (fewer than ``N``), a :class:`BlockedGuidedKernel`."""
+        if block_size is not None and block_size < prior.num_steps:
+            return BlockedGuidedKernel(prior, reference, terms, create_graph, block_size)
         A, a, Q, previous = linearise_drift(prior, reference, create_graph)
         precision, information = terms
         if _all_diagonal(prior, A, precision):  # D independent scalar filters
@@ -334,15 +426,7 @@ class GuidedKernel:
     @torch.no_grad()
     def mean_path(self, prior: LatentDiffusion) -> Tensor:
         """The noise-free path of the guided kernel from ``x0``, ``batch + (N, D)``."""
-        batch = torch.broadcast_shapes(self.batch_shape, prior.batch_shape)
-        x = prior.x0.expand(batch + prior.x0.shape[-1:])
-        states = []
-        for k in range(self.steps.shape[0]):
-            index = torch.tensor(k, device=x.device)
-            drift, _ = self.step(index, x, *prior.step(index, x))
-            x = x + drift * self.steps[k]
-            states.append(x)
-        return torch.stack(states, dim=-2)
+        return _noise_free_path(prior, self.batch_shape, [(self, range(self.steps.shape[0]))])
 
     @torch.no_grad()
     def drift_is_affine(self, prior: LatentDiffusion) -> bool:
@@ -351,16 +435,9 @@ class GuidedKernel:
         direction (then relinearising elsewhere changes nothing). Does not touch the
         global random state."""
         A, a = self._linear
-        reference = self._reference
-        generator = torch.Generator(device=reference.device).manual_seed(0)
-        noise = torch.randn(reference.shape, generator=generator, device=reference.device)
-        previous = reference + noise.to(reference.dtype) * (1.0 + reference.abs())
-        steps = self.steps.reshape((-1,) + (1,) * (previous.dim() - 1))
-        t = prior.times[:-1].reshape(steps.shape)
-        exact = previous + prior.drift(t, previous) * steps
-        linear = (A.detach() @ previous.unsqueeze(-1)).squeeze(-1) + a.detach()
-        tolerance = 1e3 * torch.finfo(exact.dtype).eps * (1.0 + exact.abs().max())
-        return bool(((exact - linear).abs().max() <= tolerance).item())
+        noise = _probe_noise(self._reference)
+        error, size = _linearisation_error(prior, A, a, self._reference, noise, ALL_STEPS)
+        return _is_rounding(error, size)
 
     def _tilt(self, cov_rate: Tensor, h: Tensor, H: Tensor, F: Tensor):
         """Gain ``K = (I + Sigma H)^{-1}``, shift ``K Sigma F`` and guided scale for
@@ -387,9 +464,17 @@ class GuidedKernel:
             return gain * mean
         return (gain @ mean.unsqueeze(-1)).squeeze(-1)
 
+    def _local(self, steps: slice) -> slice:
+        """``steps`` of the grid as a slice of the tables."""
+        if not self._offset or steps == ALL_STEPS:
+            return steps
+        return slice(steps.start - self._offset, steps.stop - self._offset)
+
     def step(self, k: Tensor, x: Tensor, drift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         h = at_step(self.steps, k)
         mean = x + drift * h
+        if self._offset:
+            k = k - self._offset
         if self._precomputed is not None:
             if self.diagonal:
                 gain, shift, guided_scale = at_step(self._packed[0], k).split(self.dim, -1)
@@ -410,10 +495,11 @@ class GuidedKernel:
         h = self.steps[steps].reshape((-1,) + (1,) * (previous.dim() - 1))
         mean = previous + drift * h
         extra = previous.dim() - 1 - len(self.batch_shape) - 1
+        local = self._local(steps)
         if self._precomputed is not None:
-            tables = [table[steps] for table in self._precomputed]
+            tables = [table[local] for table in self._precomputed]
         else:
-            H, F = self._insert(self.H[steps], extra), self._insert(self.F[steps], extra)
+            H, F = self._insert(self.H[local], extra), self._insert(self.F[local], extra)
             tables = self._tilt(self._rate(scale), h, H, F)
             extra = 0
         gain, shift, guided_scale = (self._insert(table, extra) for table in tables)
@@ -426,3 +512,147 @@ class GuidedKernel:
         if extra <= 0:
             return table
         return table.reshape(table.shape[:1] + (1,) * extra + table.shape[1:])
+
+
+class BlockedGuidedKernel:
+    r"""The guided kernel of a chain run in checkpointed blocks of steps, with memory
+    flat in the number of steps.
+
+    The linearisation, the backward filter and the tilt tables of
+    :class:`GuidedKernel` are ``O(N)`` tensors with their autograd graphs. Here the
+    filter runs block by block from the last, each block a
+    :func:`~pyro_latdiff.checkpoint.checkpoint_block`, and only the filter's state at
+    block boundaries is kept. :meth:`window` makes the :class:`GuidedKernel` of one
+    block from the boundary after it (the chain calls it inside the block it
+    simulates or scores, so its tables are recomputed in the backward pass): the
+    same values as :class:`GuidedKernel`, to rounding.
+
+    :param LatentDiffusion prior: the model's chain.
+    :param torch.Tensor reference: the reference path ``x_1 .. x_N``, ``batch + (N, D)``.
+    :param tuple terms: the observation terms of :func:`observation_terms`.
+    :param bool create_graph: whether the kernel is differentiated (to the prior's
+        parameters and the observation terms).
+    :param int block_size: steps per block.
+    """
+
+    def __init__(
+        self,
+        prior: LatentDiffusion,
+        reference: Tensor,
+        terms: tuple[Tensor, Tensor],
+        create_graph: bool,
+        block_size: int,
+    ):
+        self.prior = prior
+        self.block_size = block_size
+        self.steps = prior.times.diff()
+        self.dim = reference.shape[-1]
+        # What a block's filter needs, apart from the boundaries (which hold the blocks'
+        # autograd nodes: a block's closure must not reach them, or the graph is a cycle).
+        self._filter = _BlockFilter(prior, reference, terms, create_graph, block_size)
+        self.blocks = self._filter.blocks
+        self.diagonal = self._filter.diagonal
+        precision, information = self._filter.terms
+        boundary = (precision[-1], information[-1])
+        self._boundaries: list[tuple[Tensor, Tensor]] = [boundary] * len(self.blocks)
+        for b in range(len(self.blocks) - 1, 0, -1):
+            boundary = checkpoint_block(partial(self._filter.boundary, b), *boundary)
+            self._boundaries[b - 1] = boundary
+        H, F = boundary
+        self.batch_shape = torch.broadcast_shapes(
+            prior.batch_shape, H.shape[:-1] if self.diagonal else H.shape[:-2], F.shape[:-1]
+        )
+        self.noise_type = "diagonal" if self.diagonal else "triangular"
+
+    def window(self, steps: slice) -> GuidedKernel:
+        """The :class:`GuidedKernel` of the block ``steps`` (one of :attr:`blocks`)."""
+        b = steps.start // self.block_size
+        if steps != self.blocks[b]:
+            raise ValueError(f"Expected one of the blocks {self.blocks}, actual {steps}")
+        H, F, _ = self._filter(b, *self._boundaries[b])
+        return GuidedKernel(H, F, self.prior, offset=steps.start)
+
+    def step(self, k: Tensor, x: Tensor, drift: Tensor, scale: Tensor):
+        raise RuntimeError("BlockedGuidedKernel: step through window(steps) of each block")
+
+    def path(self, previous, drift, scale, steps: slice = ALL_STEPS):
+        """:meth:`GuidedKernel.path` for the steps of one block."""
+        return self.window(steps).path(previous, drift, scale, steps)
+
+    @torch.no_grad()
+    def mean_path(self, prior: LatentDiffusion) -> Tensor:
+        """The noise-free path of the guided kernel from ``x0``, ``batch + (N, D)``."""
+        kernels = ((self.window(s), range(s.start, s.stop)) for s in self.blocks)  # lazily
+        return _noise_free_path(prior, self.batch_shape, kernels)
+
+    @torch.no_grad()
+    def drift_is_affine(self, prior: LatentDiffusion) -> bool:
+        """:meth:`GuidedKernel.drift_is_affine`, block by block."""
+        noise = _probe_noise(_previous_states(prior, self._filter.reference))
+        errors, sizes = [], []
+        for steps in self.blocks:
+            previous = self._filter.previous(steps)
+            A, a, _ = _linearise_steps(prior, previous, steps, False)
+            error, size = _linearisation_error(prior, A, a, previous, noise[steps], steps)
+            errors.append(error)
+            sizes.append(size)
+        return _is_rounding(torch.stack(errors).max(), torch.stack(sizes).max())
+
+
+class _BlockFilter:
+    """The backward filter of one block of a :class:`BlockedGuidedKernel` from the
+    filter's state after the block."""
+
+    def __init__(self, prior, reference, terms, create_graph: bool, block_size: int):
+        self.prior = prior
+        batch = torch.broadcast_shapes(reference.shape[:-2], prior.batch_shape)
+        self.reference = reference.detach().expand(batch + reference.shape[-2:])
+        self._x0 = prior.x0.detach().expand(batch + prior.x0.shape[-1:])
+        self.create_graph = create_graph
+        num_steps, dim = reference.shape[-2:]
+        self.blocks = [
+            slice(start, min(start + block_size, num_steps))
+            for start in range(0, num_steps, block_size)
+        ]
+        precision, information = terms
+        self.diagonal = dim == 1 or (
+            prior.noise_type == "diagonal" and self._linear_parts_are_diagonal(precision)
+        )
+        if self.diagonal:
+            precision = precision.diagonal(dim1=-2, dim2=-1)
+        self.terms = precision, information
+
+    def previous(self, steps: slice) -> Tensor:
+        """The reference states the steps ``steps`` start from, time leftmost."""
+        if steps.start == 0:
+            states = torch.cat(
+                [self._x0.unsqueeze(-2), self.reference[..., : steps.stop - 1, :]], -2
+            )
+        else:
+            states = self.reference[..., steps.start - 1 : steps.stop - 1, :]
+        return states.movedim(-2, 0)
+
+    @torch.no_grad()
+    def _linear_parts_are_diagonal(self, precision: Tensor) -> bool:
+        """:func:`_all_diagonal`, block by block (one host synchronisation)."""
+        off = [_off_diagonal(precision)]
+        for steps in self.blocks:
+            A, _, _ = _linearise_steps(self.prior, self.previous(steps), steps, False)
+            off.append(_off_diagonal(A))
+        return bool(torch.stack(off).max().item() == 0)
+
+    def __call__(self, b: int, H: Tensor, F: Tensor):
+        """The filter of the states after each step of block ``b``, from ``(H, F)`` of
+        the state after the block, and ``(H, F)`` of the state before it."""
+        steps = self.blocks[b]
+        A, a, Q = _linearise_steps(self.prior, self.previous(steps), steps, self.create_graph)
+        precision, information = self.terms
+        if self.diagonal:
+            A, Q = A.diagonal(dim1=-2, dim2=-1), Q.diagonal(dim1=-2, dim2=-1)
+        starts = [None if k == 0 else (precision[k - 1], information[k - 1])
+                  for k in range(steps.start, steps.stop)]  # fmt: skip
+        return _filter_back(A, a, Q, starts, H, F, self.diagonal)
+
+    def boundary(self, b: int, H: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
+        """``(H, F)`` of the state before block ``b``."""
+        return self(b, H, F)[2]

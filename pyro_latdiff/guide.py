@@ -215,10 +215,13 @@ class DiffusionGuide(AutoGuide):
         for all latents that are not paths (the model is given with the paths hidden),
         e.g. ``AutoMultivariateNormal`` or
         ``functools.partial(AutoLowRankMultivariateNormal, rank=2)``.
-    :param int block_size: memory flat in the number of steps: simulate and score each
-        path in checkpointed blocks of this many steps (activations of one block are
-        kept for the backward pass, the rest recomputed; same values and gradients, about
-        a third more time).
+    :param int block_size: memory flat in the number of steps: the guided kernel's
+        filter, the simulation and the density of each path run in checkpointed blocks
+        of this many steps (:mod:`pyro_latdiff.checkpoint`: a block keeps no autograd
+        graph and is recomputed in the backward pass; same values and gradients, up to
+        about twice the time). By default the ``block_size`` of the model's
+        :class:`~pyro_latdiff.LatentDiffusion` site, which blocks the model's density
+        too.
     :param callable init_loc_fn: initialisation of the non-path latent sites.
     :param float init_scale: initial scale of the non-path latent sites.
     :param callable create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`.
@@ -482,7 +485,9 @@ class DiffusionGuide(AutoGuide):
             self._coupling_checked.add(site)
             if terms is None:
                 return trace, prior, None
-            kernel = GuidedKernel.from_observations(prior, paths.paths[site], terms, create_graph)
+            kernel = GuidedKernel.from_observations(
+                prior, paths.paths[site], terms, create_graph, self._block_size(prior)
+            )
         return trace, prior, kernel
 
     def _check_batch_rank(self, site: str, fn) -> None:
@@ -538,12 +543,17 @@ class DiffusionGuide(AutoGuide):
                 f"{0 if context is None else context.shape[-1]}"
             )
         control = self._control(parameters, False, prior.times, context)
-        chain = ControlledChain(prior, control, kernel, self.state_bounds, self.block_size)
+        block_size = self._block_size(prior)
+        chain = ControlledChain(prior, control, kernel, self.state_bounds, block_size)
         if not self.path_derivative:
             return chain, chain
         detached = self._control(parameters, True, prior.times, context)
-        score = ControlledChain(prior, detached, kernel, self.state_bounds, self.block_size)
+        score = ControlledChain(prior, detached, kernel, self.state_bounds, block_size)
         return PathDerivative(chain, score), chain
+
+    def _block_size(self, prior: LatentDiffusion) -> int | None:
+        """The guide's ``block_size``, else the model's path site's."""
+        return prior.block_size if self.block_size is None else self.block_size
 
     def _plate_stack(self, name: str, plates: dict) -> ExitStack:
         stack = ExitStack()

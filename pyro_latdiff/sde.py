@@ -29,15 +29,16 @@ is written, for every chain in the package.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
 import torch
 import torchsde
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from ._validation import check_diffusion, check_noise_type, check_output, check_times, check_x0
+from .checkpoint import checkpoint_block
 
 __all__ = [
     "GridBrownian",
@@ -147,6 +148,12 @@ class _IndexTimeSDE:
         self._steps = torch.stack([steps, steps.sqrt()], dim=-1)  # one lookup per step
         self._general = self.noise_type == "general"
 
+    def with_step(self, step: Step) -> _IndexTimeSDE:
+        """The same chain with other coefficients (e.g. those of one block)."""
+        new = copy.copy(self)
+        new.step = step
+        return new
+
     def f_and_g_prod(self, s: Tensor, y: Tensor, v: Tensor):
         k = s.to(torch.long)
         x = y.view(self.shape)
@@ -169,6 +176,7 @@ def simulate(
     noise_type: str = "diagonal",
     noise_dim: int | None = None,
     block_size: int | None = None,
+    window: Callable[[slice], Step] | None = None,
 ) -> Tensor:
     """Simulate an Euler chain given by its coefficients ``step(k, x)`` with torchsde.
 
@@ -181,9 +189,13 @@ def simulate(
         ``(N,) + batch_shape + (M,)``.
     :param str noise_type: ``"diagonal"``, ``"general"`` or ``"triangular"``.
     :param int noise_dim: ``M`` (general noise only; ``D`` by default).
-    :param int block_size: with gradients on, integrate in checkpointed blocks of this
-        many steps: the backward pass recomputes each block from its first state and
-        the fixed increments, so the memory for activations does not grow with ``N``.
+    :param int block_size: integrate in blocks of this many steps, each a checkpointed
+        block (:func:`~pyro_latdiff.checkpoint.checkpoint_block`) when gradients are on:
+        the backward pass recomputes each block from its first state and the fixed
+        increments, so memory does not grow with ``N``.
+    :param callable window: ``window(steps)`` gives the coefficients to use for the
+        steps of one block (a ``slice``), made inside the block so that what they
+        precompute for the block is recomputed too; ``step`` for every block if omitted.
     :returns: the states at ``times[1:]``, shape ``batch_shape + (N, D)``.
     :rtype: torch.Tensor
     """
@@ -198,13 +210,19 @@ def simulate(
     sde = _IndexTimeSDE(step, times, shape, noise_type)
     index_times = torch.arange(num_steps + 1, dtype=x0.dtype, device=x0.device)
     bm = GridBrownian(noise.reshape(num_steps, flat.shape[0], noise_dim))
-    if block_size is None or block_size >= num_steps or not torch.is_grad_enabled():
+    if block_size is None or block_size >= num_steps:
         ys = _integrate(sde, flat, index_times, bm)
     else:
         blocks, y = [], flat
         for start in range(0, num_steps, block_size):
+            steps = slice(start, min(start + block_size, num_steps))
             grid = index_times[start : start + block_size + 1]
-            blocks.append(checkpoint(_integrate, sde, y, grid, bm, use_reentrant=False))
+
+            def block(y, steps=steps, grid=grid):  # the block's coefficients made inside
+                block_sde = sde if window is None else sde.with_step(window(steps))
+                return _integrate(block_sde, y, grid, bm)
+
+            blocks.append(checkpoint_block(block, y))
             y = blocks[-1][-1]
         ys = torch.cat(blocks)
     return ys.reshape((num_steps,) + shape).movedim(0, -2)

@@ -16,6 +16,7 @@ MODULES = [
     "pyro_latdiff.inference_data",
     "pyro_latdiff.calibration",
     "pyro_latdiff.plots",
+    "pyro_latdiff.checkpoint",
     "pyro_latdiff.sde",
     "pyro_latdiff.distribution",
     "pyro_latdiff.filter",
@@ -56,7 +57,7 @@ def test_contract_names_are_public():
 # above `distribution`), and `plots` draws PSIS-weighted histograms from
 # `inference_data` (so `plots` sits above it). A new module is one entry here.
 LAYERS = [
-    {"_warnings", "_validation"},
+    {"_warnings", "_validation", "checkpoint"},
     {"_traces"},
     {"sde", "unbiased"},
     {"distribution"},
