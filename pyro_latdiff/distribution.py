@@ -128,10 +128,9 @@ class EulerChain(TorchDistribution):
             return self._log_prob_of_steps(value, previous, t, steps, ALL_STEPS)
         total, before = 0.0, x0
         # split, not indexing: the backward pass joins the blocks' gradients once
-        pieces = zip(value.split(size), t.split(size), steps.split(size), strict=True)
-        for start, (value_k, t_k, steps_k) in zip(
-            range(0, self.num_steps, size), pieces, strict=True
-        ):
+        starts = range(0, self.num_steps, size)
+        pieces = zip(starts, value.split(size), t.split(size), steps.split(size), strict=True)
+        for start, value_k, t_k, steps_k in pieces:
             window = slice(start, start + value_k.shape[0])
 
             def block(value, before, t=t_k, steps=steps_k, window=window):

@@ -241,6 +241,7 @@ def _filter_back(A, a, Q, starts, H, F, diagonal: bool):
     of the state transition ``j`` starts from. Returns ``(H, F)`` of the states after
     each transition, time leftmost, and ``(H, F)`` of the state before the first."""
     A, a, Q = A.unbind(0), a.unbind(0), Q.unbind(0)
+    eye = None if diagonal else torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     Hs, Fs = [], []
     for j in range(len(A) - 1, -1, -1):  # from state j + 1 back to state j
         Hs.append(H)
@@ -251,7 +252,6 @@ def _filter_back(A, a, Q, starts, H, F, diagonal: bool):
             H = A[j].square() * H_pred
             F = A[j] * (F_pred - H_pred * a[j])
         else:
-            eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
             gain, info = torch.linalg.inv_ex(eye + H @ Q[j])  # singular: NaN, no raise
             gain = torch.where((info > 0)[..., None, None], torch.nan, gain)
             H_pred = gain @ H
@@ -298,12 +298,12 @@ def _off_diagonal(*matrices: Tensor) -> Tensor:
     return torch.stack(off).max()
 
 
-def _probe_noise(reference: Tensor) -> Tensor:
-    """A fixed pseudo-random direction shaped like ``reference`` (the global random
-    state untouched)."""
-    generator = torch.Generator(device=reference.device).manual_seed(0)
-    noise = torch.randn(reference.shape, generator=generator, device=reference.device)
-    return noise.to(reference.dtype)
+def _probe_noise(shape: torch.Size, like: Tensor) -> Tensor:
+    """A fixed pseudo-random direction of shape ``shape``, with the dtype and device of
+    ``like`` (the global random state untouched)."""
+    generator = torch.Generator(device=like.device).manual_seed(0)
+    noise = torch.randn(shape, generator=generator, device=like.device)
+    return noise.to(like.dtype)
 
 
 def _linearisation_error(prior, A, a, reference, noise, steps: slice) -> tuple[Tensor, Tensor]:
@@ -361,7 +361,6 @@ class GuidedKernel:
         self.H, self.F = H, F
         # H and F are those of the steps offset, offset + 1, ... (one block of them).
         self._offset = offset
-        self._span = slice(offset, offset + H.shape[0])
         self.dim = F.shape[-1]
         # Diagonal: H holds the diagonals (N, batch, D) of diagonal blocks, every
         # coordinate is its own scalar filter and the guided noise stays diagonal.
@@ -373,7 +372,7 @@ class GuidedKernel:
         self._ones = (1,) * (F.dim() - 1)
         self._precomputed = None
         if not callable(prior.diffusion):
-            h = self.steps[self._span].reshape((-1,) + self._ones)
+            h = self.steps[offset : offset + H.shape[0]].reshape((-1,) + self._ones)
             sigma = prior.diffusion_at(prior.times[0], prior.x0)
             self._precomputed = self._tilt(self._rate(sigma), h, H, F)
             # One lookup per step: (gain, shift, scale) packed along the last axis
@@ -435,7 +434,7 @@ class GuidedKernel:
         direction (then relinearising elsewhere changes nothing). Does not touch the
         global random state."""
         A, a = self._linear
-        noise = _probe_noise(self._reference)
+        noise = _probe_noise(self._reference.shape, self._reference)
         error, size = _linearisation_error(prior, A, a, self._reference, noise, ALL_STEPS)
         return _is_rounding(error, size)
 
@@ -545,8 +544,6 @@ class BlockedGuidedKernel:
     ):
         self.prior = prior
         self.block_size = block_size
-        self.steps = prior.times.diff()
-        self.dim = reference.shape[-1]
         # What a block's filter needs, apart from the boundaries (which hold the blocks'
         # autograd nodes: a block's closure must not reach them, or the graph is a cycle).
         self._filter = _BlockFilter(prior, reference, terms, create_graph, block_size)
@@ -588,7 +585,9 @@ class BlockedGuidedKernel:
     @torch.no_grad()
     def drift_is_affine(self, prior: LatentDiffusion) -> bool:
         """:meth:`GuidedKernel.drift_is_affine`, block by block."""
-        noise = _probe_noise(_previous_states(prior, self._filter.reference))
+        reference = self._filter.reference  # batch + (N, D); the probe is time leftmost
+        shape = reference.shape[-2:-1] + reference.shape[:-2] + reference.shape[-1:]
+        noise = _probe_noise(shape, reference)
         errors, sizes = [], []
         for steps in self.blocks:
             previous = self._filter.previous(steps)

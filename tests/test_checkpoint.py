@@ -188,3 +188,10 @@ def test_the_autograd_graph_of_an_svi_step_grows_with_the_blocks_not_the_steps()
     small, large = size(40, 4), size(400, 40)
     assert large <= 1.2 * small
     assert size(400, None) > 5 * large
+
+
+@pytest.mark.parametrize("block_size", [0, -3, 2.5, True])
+def test_a_bad_block_size_is_one_clear_error(block_size):
+    times = torch.linspace(0.0, 1.0, 11)
+    with pytest.raises(ValueError, match="block_size"):
+        LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1), times, block_size=block_size)
