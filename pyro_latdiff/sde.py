@@ -82,13 +82,15 @@ def constant_diffusion(diffusion, like: Tensor) -> Callable[[Tensor, Tensor], Te
 
 
 class GridBrownian(torchsde.BaseBrownian):
-    """A Brownian motion in index time, built from given standard normal increments.
+    """A Brownian motion in index time, built from given increments.
 
     ``W(k + 1) - W(k) = noise[k]``; torchsde's Euler solver with ``dt = 1`` asks
-    only for these unit increments, with ``ta = k`` a tensor, so the increment is
-    looked up without a host synchronisation.
+    only for these increments, with ``ta = k`` a tensor, so the increment is looked up
+    without a host synchronisation. :func:`simulate` passes the increments of the
+    user's Brownian motion on the grid, ``sqrt(h_k) xi_k``: the motion read in index
+    time.
 
-    :param torch.Tensor noise: standard normal increments, shape ``(N, batch, M)``.
+    :param torch.Tensor noise: the increments, shape ``(N, batch, M)``.
     """
 
     __slots__ = ("_noise",)
@@ -135,7 +137,11 @@ class _IndexTimeSDE:
     torchsde sees ``y`` flattened to ``(batch, D)``; ``step`` sees the state with its
     full ``shape`` restored and the step index ``k = s`` as a 0-d int64 tensor. One
     call of ``step`` per Euler step gives both the drift and the scale (torchsde's
-    ``f_and_g_prod``).
+    ``f_and_g_prod``), which are applied to the increments of the user's Brownian
+    motion (:class:`GridBrownian` in index time): ``g dW = scale sqrt(h_k) xi_k``.
+
+    ``states``, when a list, collects the states the solver steps from (see
+    :func:`_integrate`).
     """
 
     sde_type = "ito"
@@ -144,9 +150,10 @@ class _IndexTimeSDE:
         self.step = step
         self.shape = shape
         self.noise_type = _TORCHSDE_NOISE[noise_type]
-        steps = times.diff()
-        self._steps = torch.stack([steps, steps.sqrt()], dim=-1)  # one lookup per step
+        self._steps = times.diff()
         self._general = self.noise_type == "general"
+        self._flat = len(shape) == 2  # torchsde's (batch, D) is the state's own shape
+        self.states: list[Tensor] | None = None
 
     def with_step(self, step: Step) -> _IndexTimeSDE:
         """The same chain with other coefficients (e.g. those of one block)."""
@@ -155,17 +162,22 @@ class _IndexTimeSDE:
         return new
 
     def f_and_g_prod(self, s: Tensor, y: Tensor, v: Tensor):
+        if self.states is not None:
+            self.states.append(y)
         k = s.to(torch.long)
-        x = y.view(self.shape)
+        x = y if self._flat else y.view(self.shape)
         drift, scale = self.step(k, x)
-        h, sqrt_h = at_step(self._steps, k).unbind(-1)
         if self._general:
-            noise = v.view(self.shape[:-1] + v.shape[-1:]).unsqueeze(-1)
+            noise = (v if self._flat else v.view(self.shape[:-1] + v.shape[-1:])).unsqueeze(-1)
             g_prod = (scale @ noise).squeeze(-1)
         else:
-            g_prod = scale * v.view(self.shape)
-        g_prod = g_prod * sqrt_h
-        return (drift * h).expand(self.shape).reshape(y.shape), g_prod.reshape(y.shape)
+            g_prod = scale * (v if self._flat else v.view(self.shape))
+        f = drift * at_step(self._steps, k)
+        if f.shape != self.shape:
+            f = f.expand(self.shape)
+        if self._flat:
+            return f, g_prod
+        return f.reshape(y.shape), g_prod.reshape(y.shape)
 
 
 def simulate(
@@ -209,7 +221,8 @@ def simulate(
     flat = x0.reshape(-1, shape[-1])
     sde = _IndexTimeSDE(step, times, shape, noise_type)
     index_times = torch.arange(num_steps + 1, dtype=x0.dtype, device=x0.device)
-    bm = GridBrownian(noise.reshape(num_steps, flat.shape[0], noise_dim))
+    increments = noise * times.diff().sqrt().reshape((-1,) + (1,) * (noise.dim() - 1))
+    bm = GridBrownian(increments.reshape(num_steps, flat.shape[0], noise_dim))
     if block_size is None or block_size >= num_steps:
         ys = _integrate(sde, flat, index_times, bm)
     else:
@@ -229,8 +242,26 @@ def simulate(
 
 
 def _integrate(sde: _IndexTimeSDE, y0: Tensor, index_times: Tensor, bm: GridBrownian) -> Tensor:
-    """torchsde's Euler solve on ``index_times``; the states after ``y0``."""
-    return torchsde.sdeint(sde, y0, index_times, bm=bm, method="euler", dt=1.0)[1:]
+    """torchsde's Euler solve on ``index_times`` (``dt = 1``); the states after ``y0``.
+
+    torchsde is asked for the last state only and the states in between are those it
+    steps from: asked for every state, it would interpolate each one from the two
+    around it (``0 * y_k + 1 * y_{k+1}``, three autograd nodes per step for nothing).
+    Before solving, torchsde calls ``f_and_g_prod`` once at ``y0`` to check shapes;
+    the solver's own ``N`` calls are the last ones.
+    """
+    num_steps = index_times.shape[0] - 1
+    recorder = copy.copy(sde)
+    recorder.states = []
+    ends = index_times[[0, -1]]
+    last = torchsde.sdeint(recorder, y0, ends, bm=bm, method="euler", dt=1.0)[-1]
+    states = recorder.states
+    if len(states) not in (num_steps, num_steps + 1):
+        raise RuntimeError(
+            f"Expected torchsde's Euler solver to take {num_steps} steps, actual "
+            f"{len(states)} calls of f_and_g_prod"
+        )
+    return torch.stack(states[len(states) - num_steps + 1 :] + [last])
 
 
 def transition_log_prob(
