@@ -137,6 +137,73 @@ def test_backward_filter_equals_the_reference_filter():
     assert torch.allclose(F, F_ref[1:], atol=1e-10)
 
 
+def diagonal_filter_problem(steps: int, batch: int, dim: int, dtype, seed: int = 0):
+    """Random diagonal transitions ``(A, a, Q)`` and observation terms (some states
+    unobserved) in :func:`backward_filter`'s layout, diagonals only; curvatures large
+    enough that the products behind the filter span many orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(shape, generator=g, dtype=dtype)  # noqa: E731
+    observed = (rand(steps, batch, 1) < 0.5).to(dtype)
+    observed[-1] = 1.0
+    return (
+        0.9 + 0.2 * rand(steps, batch, dim),
+        rand(steps, batch, dim) - 0.5,
+        0.05 + rand(steps, 1, dim),
+        10 * rand(steps, batch, dim) * observed,
+        (rand(steps, batch, dim) - 0.5) * observed,
+    )
+
+
+def filter_of_diagonals(A, a, Q, precision, information):
+    """The diagonal problem as independent scalar filters (``D = 1``, the coordinates
+    moved into the batch), the path of the diagonal filter."""
+    scalar = lambda t: t.unsqueeze(-1)  # noqa: E731
+    square = lambda t: t[..., None, None]  # noqa: E731
+    H, F = backward_filter(square(A), scalar(a), square(Q), square(precision), scalar(information))
+    return H[..., 0, 0], F[..., 0]
+
+
+def filter_of_matrices(A, a, Q, precision, information):
+    """The diagonal problem through the matrix filter."""
+    diag = torch.diag_embed
+    H, F = backward_filter(diag(A), a, diag(Q).expand(A.shape + A.shape[-1:]), diag(precision),
+                           information)  # fmt: skip
+    return H.diagonal(dim1=-2, dim2=-1), F
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 100])
+@pytest.mark.parametrize("batch", [2, 100])  # few scalar filters: suffix products; many: a loop
+def test_the_diagonal_filter_equals_the_matrix_filter(steps, batch):
+    """Independent coordinates filtered as scalars (in ``log2 N`` suffix products for
+    few filters, step by step for many) equal the matrix filter, values and gradients,
+    in float64."""
+    inputs = [t.requires_grad_() for t in diagonal_filter_problem(steps, batch, 3, DTYPE)]
+    H, F = filter_of_diagonals(*inputs)
+    H_ref, F_ref = filter_of_matrices(*inputs)
+    assert torch.allclose(H, H_ref, rtol=1e-11, atol=1e-12)
+    assert torch.allclose(F, F_ref, rtol=1e-11, atol=1e-12)
+    weights = torch.randn(H.shape, dtype=DTYPE)
+    grads, grads_ref = (
+        torch.autograd.grad(((h + f * f) * weights).sum(), inputs, allow_unused=True)
+        for h, f in [(H, F), (H_ref, F_ref)]
+    )
+    for grad, reference, x in zip(grads, grads_ref, inputs, strict=True):
+        grad = torch.zeros_like(x) if grad is None else grad  # with one step, A is unused
+        reference = torch.zeros_like(x) if reference is None else reference
+        assert torch.allclose(grad, reference, rtol=1e-9, atol=1e-10)
+
+
+def test_the_diagonal_filter_stays_finite_on_a_long_chain_in_float32():
+    """5000 steps, each multiplying the suffix products by up to about 11: without the
+    rescaling of partial products they overflow float32."""
+    inputs = diagonal_filter_problem(5000, 2, 2, torch.float32, seed=3)
+    H, F = filter_of_diagonals(*inputs)
+    H_ref, F_ref = filter_of_matrices(*(t.double() for t in inputs))
+    assert torch.isfinite(H).all() and torch.isfinite(F).all()
+    assert torch.allclose(H.double(), H_ref, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(F.double(), F_ref, rtol=1e-4, atol=1e-5)
+
+
 def test_the_euler_loop_makes_no_host_synchronisation(monkeypatch):
     """The number of .item(), float(), int() and .tolist() calls during a simulation
     does not grow with the number of steps."""
