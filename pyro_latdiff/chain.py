@@ -160,27 +160,35 @@ class Control:
         self._times = times[:-1]
         tables = [linear_gain, offset, log_scale] + ([] if target is None else [target_gain])
         self._tables = torch.stack(tables, dim=1)  # one lookup per step: (N, terms, D)
+        self._steps = ALL_STEPS  # the steps `step` is asked for (one block, or all)
         self._step_net = None
-        self._offset = 0
-        if isinstance(net, NeuralDrift):  # time and context inputs once for the grid
-            self._step_net = net.on_grid(self._times, context)
+
+    def _on_grid(self, steps: slice):
+        """The network by step index on the steps ``steps``, with the per-step tables
+        looked up in the same index."""
+        tables = self._tables[steps].unbind(1)
+        return self.net.on_grid(self._times[steps], self.context, tables)
 
     def window(self, steps: slice) -> Control:
         """The same control, with what :meth:`step` precomputes made for the steps
         ``steps`` only (one checkpointed block)."""
         new = copy.copy(self)
-        if isinstance(self.net, NeuralDrift):
-            new._step_net = self.net.on_grid(self._times[steps], self.context)
-            new._offset = steps.start
+        new._steps, new._step_net = steps, None
         return new
 
     def step(self, k: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self._step_net is None and isinstance(self.net, NeuralDrift):
+            # Made at the first step (a chain that is only scored never needs it): the
+            # time and context inputs of the network once for the steps.
+            self._step_net = self._on_grid(self._steps)
         if self._step_net is not None:
-            out = self._step_net(k - self._offset if self._offset else k, x)
+            offset = self._steps.start
+            out, tables = self._step_net(k - offset if offset else k, x)
         else:
             out = self.net(at_step(self._times, k), x, self.context)
+            tables = at_step(self._tables, k).unbind(0)
         control, log_scale = out.chunk(2, dim=-1)
-        linear_gain, offset, step_log_scale, *target_gain = at_step(self._tables, k).unbind(0)
+        linear_gain, offset, step_log_scale, *target_gain = tables
         control = control + linear_gain * x + offset
         if self.target is not None:
             control = control + target_gain[0] * self.target(x)

@@ -108,28 +108,36 @@ class NeuralDrift(nn.Module):
         return self.hidden(hidden)
 
     def on_grid(
-        self, times: Tensor, context: Tensor | None = None
-    ) -> Callable[[Tensor, Tensor], Tensor]:
+        self, times: Tensor, context: Tensor | None = None, tables: Sequence[Tensor] = ()
+    ) -> Callable[[Tensor, Tensor], Tensor | tuple[Tensor, list[Tensor]]]:
         """``c(times[k], x, context)`` as ``step(k, x)``, for one simulation on a grid.
 
         The time and context parts of the first layer are computed once for the whole
         grid instead of at every Euler step; ``step(k, x)``, with ``k`` a 0-d int64
         tensor (the step index, found without a host synchronisation), equals
         ``self(times[k], x, context)``.
+
+        :param tables: per-step tables ``(N, width)`` of the caller (e.g. per-step
+            terms added to the network's output), looked up with the network's own time
+            rows in one index; then ``step(k, x)`` returns ``(output, [table[k], ...])``.
         """
         if self.context_dim and context is None:
             raise ValueError(f"Expected `context` of shape (..., {self.context_dim}), actual None")
-        rows = None
+        weight, bias = self.input_x.weight, self.input_x.bias
+        rows = bias.expand(times.shape + bias.shape)  # the bias of the first layer, per step
         if self.input_time is not None:
-            rows = self.input_time(self.time_features(times))
+            rows = rows + self.input_time(self.time_features(times.to(bias.dtype)))
+        widths = [rows.shape[-1]] + [table.shape[-1] for table in tables]
+        packed = torch.cat([rows, *tables], dim=-1) if tables else rows
         shift = None if not self.context_dim else self.input_context(context)
 
-        def step(k: Tensor, x: Tensor) -> Tensor:
-            hidden = self.input_x(x)
-            if rows is not None:
-                hidden = hidden + at_step(rows, k)
+        def step(k: Tensor, x: Tensor):
+            row = at_step(packed, k)
+            first, *found = row.split(widths, dim=-1) if tables else (row,)
+            hidden = nn.functional.linear(x, weight, first)
             if shift is not None:
                 hidden = hidden + shift
-            return self.hidden(hidden)
+            out = self.hidden(hidden)
+            return (out, found) if tables else out
 
         return step
