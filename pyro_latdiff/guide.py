@@ -468,7 +468,12 @@ class DiffusionGuide(AutoGuide):
 
     def _reference_pass(self, site, values, reference, create_graph, args, kwargs):
         remaining = set(self._path_sites) - set(values)
-        paths = _ReferencePaths(remaining, _outer_batch_shape(), {site: reference})
+        # Without the guide's values of other latents the observations' terms are the
+        # same for every draw: the reference paths (and so the filter) leave out the
+        # batch of the enclosing plates (e.g. vectorised particles), which the chain
+        # broadcasts to.
+        outer = _outer_batch_shape() if values else torch.Size()
+        paths = _ReferencePaths(remaining, outer, {site: reference})
         model = poutine.condition(self._unwrapped_model[0], data=values)
         with poutine.block(), torch.enable_grad():
             trace = poutine.trace(paths(model)).get_trace(*args, **kwargs)

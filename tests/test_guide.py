@@ -328,3 +328,26 @@ def test_minibatch_gradient_is_an_unbiased_estimate_of_the_full_one():
     mini, mini_se = gradients(2)
     z = (mini - full) / (full_se.square() + mini_se.square()).sqrt()
     assert (z.abs() < 4).all(), z
+
+
+@pytest.mark.parametrize("with_global", [False, True])
+def test_the_filter_is_per_draw_only_when_the_guide_draws_other_latents(with_global):
+    """Without other latents the observations' expansion is the same for every draw, and
+    the guided kernel's tables leave out the vectorised particles (a filter per series,
+    not per particle and series); with a global latent drawn by the guide, per draw."""
+    times = torch.linspace(0.0, 1.0, 6)
+    y = torch.randn(3, 1)
+
+    def model(y):
+        rate = pyro.sample("rate", dist.LogNormal(0.0, 0.3)) if with_global else 1.0
+        with pyro.plate("series", 3):
+            path = pyro.sample("path", LatentDiffusion(lambda t, x: -rate * x, 1.0,
+                                                       torch.zeros(3, 1), times))  # fmt: skip
+            pyro.sample("y", dist.Normal(path[..., -1, :], 0.5).to_event(1), obs=y)
+
+    guide = DiffusionGuide(model)
+    guide(y)
+    with pyro.plate("particles", 8, dim=-2):
+        values = {"rate": guide._normal_distribution("rate")()} if with_global else {}
+        _, _, kernel = guide._prepass("path", values, (y,), {})
+    assert kernel.batch_shape == ((8, 3) if with_global else (3,))
