@@ -132,10 +132,12 @@ def main(args):
         f"NUTS, {args.num_chains} chains x ({args.warmup_steps} warm-up + "
         f"{args.num_samples} samples), max tree depth {args.max_tree_depth}; truth {TRUTH}"
     )
-    depth = args.max_tree_depth
+    depth, jit = args.max_tree_depth, args.jit
 
     def guide_start():  # a fresh guide draw for every chain
-        return NUTS(model, init_strategy=init_to_guide(guide, z), max_tree_depth=depth)
+        return NUTS(
+            model, init_strategy=init_to_guide(guide, z), max_tree_depth=depth, jit_compile=jit
+        )
 
     def guide_start_and_mass():
         matrix = guide_inverse_mass_matrix(model, guide, z, num_samples=args.mass_samples)
@@ -145,10 +147,11 @@ def main(args):
             inverse_mass_matrix=matrix,
             adapt_mass_matrix=False,
             max_tree_depth=depth,
+            jit_compile=jit,
         )
 
     def default_start():
-        return NUTS(model, max_tree_depth=depth)  # Pyro's init_to_uniform
+        return NUTS(model, max_tree_depth=depth, jit_compile=jit)  # Pyro's init_to_uniform
 
     rows = [
         summarise("guide start", *run_chains(guide_start, z, args)),
@@ -169,6 +172,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-tree-depth", type=int, default=8)
     parser.add_argument("--mass-samples", type=int, default=500, help="guide draws")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jit", action="store_true", help="NUTS with jit_compile=True")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
