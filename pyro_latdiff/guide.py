@@ -28,7 +28,7 @@ from pyro.nn import PyroModule, PyroParam
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import get_plates
 from pyro.poutine.util import site_is_subsample
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import biject_to
 
 from ._validation import check_ordered_pair, check_positive_int, check_signature, check_widths
@@ -515,15 +515,22 @@ class DiffusionGuide(AutoGuide):
                 "so that they broadcast from the right (e.g. theta.unsqueeze(-1) * x)"
             )
 
-    def _control(self, parameters: ChainParameters, detach: bool, times, context) -> Control:
+    def _chain_terms(self, parameters: ChainParameters) -> tuple[nn.Module, list[Tensor]]:
+        """The network and the per-step tables of one path site's chain, each read from
+        the parameter store once per guide call."""
         # A plain nn.Module below a PyroModule is registered with pyro.module, which keeps
         # the module's own tensors; reading them back from the parameter store makes a
-        # restored store (a resumed fit, a loaded checkpoint) take effect.
-        net = parameters.net
-        if not detach:
-            net = pyro.module(f"{parameters._pyro_name}.net", net, update_module_params=True)
+        # restored store (a resumed fit, a loaded checkpoint) take effect. (PyroModule's
+        # attribute access would register it again at every access.)
+        net = pyro.module(
+            f"{parameters._pyro_name}.net", parameters._modules["net"], update_module_params=True
+        )
         tables = [parameters.linear_gain, parameters.offset, parameters.log_scale]
-        target_gain = parameters.target_gain if self.target is not None else None
+        tables.append(parameters.target_gain if self.target is not None else None)
+        return net, tables
+
+    def _control(self, net, tables, detach: bool, times, context) -> Control:
+        *tables, target_gain = tables
         if detach:
             net = _detached_net(net)
             tables = [t.detach() for t in tables]
@@ -531,8 +538,8 @@ class DiffusionGuide(AutoGuide):
         return Control(net, *tables, times, context, self.target, target_gain)
 
     def _path_distribution(self, name: str, trace, prior, kernel, args, kwargs):
-        parameters = attrgetter(name)(self.chains)
-        expected_steps = parameters.linear_gain.shape[0]
+        net, tables = self._chain_terms(attrgetter(name)(self.chains))
+        expected_steps = tables[0].shape[0]
         if prior.num_steps != expected_steps:
             raise ValueError(
                 f"DiffusionGuide: expected site '{name}' on the grid of {expected_steps}"
@@ -540,19 +547,19 @@ class DiffusionGuide(AutoGuide):
                 "per-step terms belong to one grid: build a new guide for a new grid"
             )
         context = self._context(name, trace, args, kwargs, prior.x0)
-        expected = parameters.net.context_dim
+        expected = net.context_dim
         if (0 if context is None else context.shape[-1]) != expected:
             raise ValueError(
                 f"DiffusionGuide: expected a context of {expected} features for site '{name}' "
                 f"(as when the guide was built), actual "
                 f"{0 if context is None else context.shape[-1]}"
             )
-        control = self._control(parameters, False, prior.times, context)
+        control = self._control(net, tables, False, prior.times, context)
         block_size = self._block_size(prior)
         chain = ControlledChain(prior, control, kernel, self.state_bounds, block_size)
         if not self.path_derivative:
             return chain, chain
-        detached = self._control(parameters, True, prior.times, context)
+        detached = self._control(net, tables, True, prior.times, context)
         score = ControlledChain(prior, detached, kernel, self.state_bounds, block_size)
         return PathDerivative(chain, score), chain
 
