@@ -214,14 +214,16 @@ def simulate(
     num_steps = times.shape[0] - 1
     shape = x0.shape
     noise_dim = shape[-1] if noise_dim is None else noise_dim
-    if noise is None:
-        noise = torch.randn(
+    root_steps = times.diff().sqrt().reshape((-1,) + (1,) * len(shape))
+    if noise is None:  # drawn here: scaled in place, one path-sized tensor
+        increments = torch.randn(
             (num_steps,) + shape[:-1] + (noise_dim,), dtype=x0.dtype, device=x0.device
-        )
+        ).mul_(root_steps)
+    else:
+        increments = noise * root_steps
     flat = x0.reshape(-1, shape[-1])
     sde = _IndexTimeSDE(step, times, shape, noise_type)
     index_times = torch.arange(num_steps + 1, dtype=x0.dtype, device=x0.device)
-    increments = noise * times.diff().sqrt().reshape((-1,) + (1,) * (noise.dim() - 1))
     bm = GridBrownian(increments.reshape(num_steps, flat.shape[0], noise_dim))
     if block_size is None or block_size >= num_steps:
         ys = _integrate(sde, flat, index_times, bm)
