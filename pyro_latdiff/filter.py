@@ -266,6 +266,11 @@ def _filter_back(A, a, Q, starts, H, F):
     return H_all, F_all, (H, F)
 
 
+#: Scalar filters times ``log2`` of the steps up to which the suffix-product filter is
+#: faster than the loop (2-core CPU, float32 and float64 alike).
+_SCAN_FILTERS = 400
+
+
 def _filter_back_diagonal(A, a, Q, P, f, H, F):
     r""":func:`_filter_back` for independent coordinates.
 
@@ -298,11 +303,6 @@ def _filter_back_diagonal(A, a, Q, P, f, H, F):
     H_all = torch.cat([u[1:] / w[1:], H.expand(shape[1:]).unsqueeze(0)])
     F_all = torch.cat([v[1:] / w[1:], F.expand(shape[1:]).unsqueeze(0)])
     return H_all, F_all, (u[0] / w[0], v[0] / w[0])
-
-
-#: Scalar filters times ``log2`` of the steps up to which the suffix-product filter is
-#: faster than the loop (2-core CPU, float32 and float64 alike).
-_SCAN_FILTERS = 400
 
 
 def _filter_back_diagonal_loop(A, a, Q, P, f, H, F):
@@ -436,8 +436,8 @@ class GuidedKernel:
             h = self.steps[offset : offset + H.shape[0]].reshape((-1,) + self._ones)
             sigma = prior.diffusion_at(prior.times[0], prior.x0)
             self._precomputed = self._tilt(self._rate(sigma), h, H, F)
-            # One lookup per step: (gain, shift, scale) packed along the last axis
-            # (diagonal), else (gain, scale) packed and shift apart.
+            # One lookup per step: (gain, slope, level, scale) packed along the last
+            # axis (diagonal), else (gain, scale) packed and shift apart.
             gain, shift, scale = self._precomputed
             if self.diagonal:
                 # The guided drift (gain (x + drift h) + shift - x) / h as gain drift +
