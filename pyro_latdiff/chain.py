@@ -182,8 +182,8 @@ class Control:
             # time and context inputs of the network once for the steps.
             self._step_net = self._on_grid(self._steps)
         if self._step_net is not None:
-            offset = self._steps.start
-            out, tables = self._step_net(k - offset if offset else k, x)
+            first = self._steps.start
+            out, tables = self._step_net(k - first if first else k, x)
         else:
             out = self.net(at_step(self._times, k), x, self.context)
             tables = at_step(self._tables, k).unbind(0)

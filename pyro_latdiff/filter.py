@@ -224,21 +224,34 @@ def backward_filter(
             A[..., 0, 0], a[..., 0], Q[..., 0, 0], precision[..., 0, 0], information[..., 0]
         )
         return H[..., None, None], F[..., None]
-    H, F, _ = _filter_back(A, a, Q, *_start_terms(precision, information))
+    P, f = _start_observations(precision, information, slice(0, precision.shape[0]))
+    H, F, _ = _filter_back(A, a, Q, P, f, precision[-1], information[-1])
     return H, F
 
 
-def _start_terms(precision: Tensor, information: Tensor):
-    """The observation terms of the states ``x_0 .. x_{N-1}`` that transitions start
-    from (none for ``x_0``), and those of ``x_N`` to start the recursion from."""
-    starts = [None] + list(zip(precision[:-1].unbind(0), information[:-1].unbind(0), strict=True))
-    return starts, precision[-1], information[-1]
+def _start_observations(precision: Tensor, information: Tensor, steps: slice):
+    """The observation terms (time leftmost, of :func:`observation_terms`' states
+    ``x_1 .. x_N``) of the states the transitions ``steps`` start from: ``x_start ..
+    x_{stop - 1}``, zero for ``x_0``."""
+    first = max(steps.start - 1, 0)
+    P, f = precision[first : steps.stop - 1], information[first : steps.stop - 1]
+    if steps.start == 0:
+        P = torch.cat([torch.zeros_like(precision[:1]), P])
+        f = torch.cat([torch.zeros_like(information[:1]), f])
+    return P, f
 
 
-def _filter_back(A, a, Q, starts, H, F):
+def _stacked(tensors: list[Tensor], shape: torch.Size | None = None) -> Tensor:
+    """``tensors`` expanded to their broadcast shape (or ``shape``), stacked time leftmost."""
+    if shape is None:
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    return torch.stack([t.expand(shape) for t in tensors])
+
+
+def _filter_back(A, a, Q, P, f, H, F):
     """The backward filter over transitions ``K - 1, ..., 0`` (time leftmost ``A, a,
-    Q``), from ``(H, F)`` of the state the last one ends in; ``starts[j]`` is ``None``
-    or the observation terms ``(P, f)`` of the state transition ``j`` starts from.
+    Q``), from ``(H, F)`` of the state the last one ends in; ``P, f`` are the
+    observation terms of the states the transitions start from (zero for none).
     Returns ``(H, F)`` of the states after each transition, time leftmost, and ``(H,
     F)`` of the state before the first."""
     A, a, Q = A.unbind(0), a.unbind(0), Q.unbind(0)
@@ -255,15 +268,9 @@ def _filter_back(A, a, Q, starts, H, F):
         shifted = F_pred - (H_pred @ a[j].unsqueeze(-1)).squeeze(-1)
         At = A[j].transpose(-1, -2)
         H = At @ H_pred @ A[j]
-        F = (At @ shifted.unsqueeze(-1)).squeeze(-1)
-        if starts[j] is not None:
-            H, F = H + starts[j][0], F + starts[j][1]
-    Hs, Fs = Hs[::-1], Fs[::-1]
-    shape_h = torch.broadcast_shapes(*(h.shape for h in Hs))
-    shape_f = torch.broadcast_shapes(*(f.shape for f in Fs))
-    H_all = torch.stack([h.expand(shape_h) for h in Hs])
-    F_all = torch.stack([f.expand(shape_f) for f in Fs])
-    return H_all, F_all, (H, F)
+        F = (At @ shifted.unsqueeze(-1)).squeeze(-1) + f[j]
+        H = H + P[j]
+    return _stacked(Hs[::-1]), _stacked(Fs[::-1]), (H, F)
 
 
 #: Scalar filters times ``log2`` of the steps up to which the suffix-product filter is
@@ -315,10 +322,8 @@ def _filter_back_diagonal_loop(A, a, Q, P, f, H, F):
         Fs.append(F)
         gain = 1.0 / (1.0 + H * Q[j])
         H, F = A2[j] * (gain * H) + P[j], gain * (A[j] * F - Aa[j] * H) + f[j]
-    shape = torch.broadcast_shapes(*(t.shape for t in Hs + Fs))
-    H_all = torch.stack([h.expand(shape) for h in Hs[::-1]])
-    F_all = torch.stack([t.expand(shape) for t in Fs[::-1]])
-    return H_all, F_all, (H, F)
+    shape = torch.broadcast_shapes(*(t.shape for t in Hs + Fs))  # H and F alike
+    return _stacked(Hs[::-1], shape), _stacked(Fs[::-1], shape), (H, F)
 
 
 def _suffix_products(M: Tensor) -> Tensor:
@@ -336,8 +341,7 @@ def _suffix_products(M: Tensor) -> Tensor:
 def _backward_filter_scalar(A, a, Q, precision, information):
     """:func:`backward_filter` for independent coordinates: every argument holds the
     diagonals (or scalars for ``D = 1``), without the matrix axes."""
-    P = torch.cat([torch.zeros_like(precision[:1]), precision[:-1]])
-    f = torch.cat([torch.zeros_like(information[:1]), information[:-1]])
+    P, f = _start_observations(precision, information, slice(0, precision.shape[0]))
     H, F, _ = _filter_back_diagonal(A, a, Q, P, f, precision[-1], information[-1])
     return H, F
 
@@ -716,18 +720,11 @@ class _BlockFilter:
         the state after the block, and ``(H, F)`` of the state before it."""
         steps = self.blocks[b]
         A, a, Q = _linearise_steps(self.prior, self.previous(steps), steps, self.create_graph)
-        precision, information = self.terms
-        if self.diagonal:  # the terms of the states x_{start} .. x_{stop - 1}, 0 for x_0
+        P, f = _start_observations(*self.terms, steps)
+        if self.diagonal:
             A, Q = A.diagonal(dim1=-2, dim2=-1), Q.diagonal(dim1=-2, dim2=-1)
-            first = max(steps.start - 1, 0)
-            P, f = precision[first : steps.stop - 1], information[first : steps.stop - 1]
-            if steps.start == 0:
-                P = torch.cat([torch.zeros_like(precision[:1]), P])
-                f = torch.cat([torch.zeros_like(information[:1]), f])
             return _filter_back_diagonal(A, a, Q, P, f, H, F)
-        starts = [None if k == 0 else (precision[k - 1], information[k - 1])
-                  for k in range(steps.start, steps.stop)]  # fmt: skip
-        return _filter_back(A, a, Q, starts, H, F)
+        return _filter_back(A, a, Q, P, f, H, F)
 
     def boundary(self, b: int, H: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
         """``(H, F)`` of the state before block ``b``."""
