@@ -256,8 +256,14 @@ def _integrate(sde: _IndexTimeSDE, y0: Tensor, index_times: Tensor, bm: GridBrow
     recorder = copy.copy(sde)
     recorder.states = []
     ends = index_times[[0, -1]]
-    last = torchsde.sdeint(recorder, y0, ends, bm=bm, method="euler", dt=1.0)[-1]
-    states = recorder.states
+    try:
+        last = torchsde.sdeint(recorder, y0, ends, bm=bm, method="euler", dt=1.0)[-1]
+        states = recorder.states
+    finally:
+        # torchsde's wrapper of the SDE keeps its own bound methods, a reference cycle
+        # that outlives the solve until Python's cyclic collector runs: cut the link
+        # from it to the chain (its tables and their autograd graph) and the states.
+        recorder.step = recorder.states = None
     if len(states) not in (num_steps, num_steps + 1):
         raise RuntimeError(
             f"Expected torchsde's Euler solver to take {num_steps} steps, actual "
