@@ -86,6 +86,24 @@ def describe(target, samples, exact, estimate, seconds, evaluations):
     return row
 
 
+#: The funnel's neck and mouth: x_0 < -3 and x_0 > 3 (x_0 ~ N(0, 3^2): each 0.1587).
+FUNNEL_REGIONS = {"neck": lambda x0: x0 < -3.0, "mouth": lambda x0: x0 > 3.0}
+FUNNEL_REGION_MASS = 0.5 * math.erfc(1 / math.sqrt(2))
+
+
+def funnel_regions(sampler, target, num_samples):
+    """The guide's fraction of draws in the funnel's neck and mouth, and the mass its
+    importance weights give each (exact: 0.1587): where the weights' log Z loses mass."""
+    states, log_weights = sampler.sample_with_log_weights(num_samples)
+    weights = (log_weights - target.log_normalizer).exp()
+    row = {}
+    for region, inside in FUNNEL_REGIONS.items():
+        mask = inside(states[:, 0])
+        row[f"{region}_guide"] = float(mask.double().mean())
+        row[f"{region}_iw"] = float((weights * mask).mean())
+    return row
+
+
 def run_learned(name, target, loss, seed, args):
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
@@ -216,6 +234,8 @@ def main(args):
                 )
                 budget = evaluations if budget is None else max(budget, evaluations)
                 row = describe(target, samples, exact, estimate, seconds, evaluations)
+                if isinstance(target, FunnelTarget):
+                    row.update(funnel_regions(sampler, target, args.eval_samples))
                 results.setdefault((name, f"learned {loss}"), []).append(row)
                 print(name, seed, loss, {k: round(v, 4) for k, v in row.items()}, flush=True)
             torch.manual_seed(seed)
@@ -229,6 +249,8 @@ def main(args):
             results.setdefault((name, "IS N(0, sigma^2 I)"), []).append(row)
             print(name, seed, "is", {k: round(v, 4) for k, v in row.items()}, flush=True)
     keys = ["dlogz", "delbo", "ess", "coverage", "max_mass_error", "mmd", "seconds", "evaluations"]
+    if "funnel" in args.targets:  # exact mass of each region: FUNNEL_REGION_MASS
+        keys += [f"{region}_{kind}" for region in FUNNEL_REGIONS for kind in ("guide", "iw")]
     header = "| target | sampler | " + " | ".join(keys) + " | published |Δ log Z| |"
     print()
     print(header)
