@@ -86,22 +86,48 @@ def describe(target, samples, exact, estimate, seconds, evaluations):
     return row
 
 
-#: The funnel's neck and mouth: x_0 < -3 and x_0 > 3 (x_0 ~ N(0, 3^2): each 0.1587).
-FUNNEL_REGIONS = {"neck": lambda x0: x0 < -3.0, "mouth": lambda x0: x0 > 3.0}
+#: Regions where a sampler loses mass, per target: a mask of draws ``(n,)``, or of
+#: draws and coordinates ``(n, m)`` (averaged over the coordinates). The funnel's neck
+#: and mouth, x_0 < -3 and x_0 > 3 (x_0 ~ N(0, 3^2): 0.1587 each); ManyWell's minor
+#: wells, x_1 < 0 in each double well (``ManyWellTarget.minor_well_mass``).
+REGIONS = {
+    "funnel": {"neck": lambda x: x[:, 0] < -3.0, "mouth": lambda x: x[:, 0] > 3.0},
+    "manywell": {"minor": lambda x: x[:, 0::2] < 0.0},
+}
 FUNNEL_REGION_MASS = 0.5 * math.erfc(1 / math.sqrt(2))
 
 
-def funnel_regions(sampler, target, num_samples):
-    """The guide's fraction of draws in the funnel's neck and mouth, and the mass its
-    importance weights give each (exact: ``FUNNEL_REGION_MASS``): where the weights'
-    log Z loses mass. The draws are their own, not those of the log Z estimate."""
+def region_mass(name, target):
+    """The exact mass of each of the target's regions."""
+    if name == "funnel":
+        return {"neck": FUNNEL_REGION_MASS, "mouth": FUNNEL_REGION_MASS}
+    return {"minor": target.minor_well_mass}
+
+
+def _share(mask, weights=None):
+    mask = mask.double().reshape(mask.shape[0], -1)
+    if weights is not None:
+        mask = mask * weights.double()[:, None]
+    return float(mask.mean())
+
+
+def region_shares(name, sampler, num_samples):
+    """The guide's share of draws in each of the target's regions (see ``REGIONS``)."""
+    states = sampler.sample(num_samples)
+    return {region: _share(inside(states)) for region, inside in REGIONS[name].items()}
+
+
+def regions(name, sampler, target, num_samples):
+    """The guide's share of draws in each region and the mass its importance weights
+    give each (exact: ``region_mass``): where the weights' log Z loses mass. The draws
+    are their own, not those of the log Z estimate."""
     states, log_weights = sampler.sample_with_log_weights(num_samples)
     weights = (log_weights - target.log_normalizer).exp()
     row = {}
-    for region, inside in FUNNEL_REGIONS.items():
-        mask = inside(states[:, 0])
-        row[f"{region}_guide"] = float(mask.double().mean())
-        row[f"{region}_iw"] = float((weights * mask).mean())
+    for region, inside in REGIONS[name].items():
+        mask = inside(states)
+        row[f"{region}_guide"] = _share(mask)
+        row[f"{region}_iw"] = _share(mask, weights)
     return row
 
 
@@ -118,6 +144,16 @@ def run_learned(name, target, loss, seed, args):
         noise_scale=args.noise_scale,
         dtype=args.dtype,
     )
+    pause = {"seconds": 0.0}
+
+    def track(step, loss):
+        # The regions' shares during training (``--track-every``), not timed.
+        if name in REGIONS and args.track_every and (step + 1) % args.track_every == 0:
+            begin = time.perf_counter()
+            shares = region_shares(name, sampler, args.track_samples)
+            pause["seconds"] += time.perf_counter() - begin
+            print(f"  step {step + 1} loss {loss:.4g} shares", shares, flush=True)
+
     start = time.perf_counter()
     sampler.fit(
         args.fit_steps,
@@ -125,8 +161,9 @@ def run_learned(name, target, loss, seed, args):
         lr=args.lr,
         final_lr=args.lr / 10,
         gain_lr=args.gain_lr_multiplier * args.lr,
+        callback=track,
     )
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - pause["seconds"]
     evaluations = sampler.density.num_evaluations
     estimate = sampler.log_normalizer(args.eval_samples)
     samples = sampler.sample(max(args.mmd_samples, args.mass_samples))
@@ -235,8 +272,8 @@ def main(args):
                 )
                 budget = evaluations if budget is None else max(budget, evaluations)
                 row = describe(target, samples, exact, estimate, seconds, evaluations)
-                if isinstance(target, FunnelTarget):
-                    row.update(funnel_regions(sampler, target, args.eval_samples))
+                if name in REGIONS:
+                    row.update(regions(name, sampler, target, args.eval_samples))
                 results.setdefault((name, f"learned {loss}"), []).append(row)
                 print(name, seed, loss, {k: round(v, 4) for k, v in row.items()}, flush=True)
             torch.manual_seed(seed)
@@ -250,8 +287,8 @@ def main(args):
             results.setdefault((name, "IS N(0, sigma^2 I)"), []).append(row)
             print(name, seed, "is", {k: round(v, 4) for k, v in row.items()}, flush=True)
     keys = ["dlogz", "delbo", "ess", "coverage", "max_mass_error", "mmd", "seconds", "evaluations"]
-    if "funnel" in args.targets:
-        keys += [f"{region}_{kind}" for region in FUNNEL_REGIONS for kind in ("guide", "iw")]
+    for name in args.targets:
+        keys += [f"{region}_{kind}" for region in REGIONS.get(name, ()) for kind in ("guide", "iw")]
     header = "| target | sampler | " + " | ".join(keys) + " | published |Δ log Z| |"
     print()
     print(header)
@@ -260,8 +297,12 @@ def main(args):
         cells = " | ".join(summarise(rows, k) for k in keys)
         published = PUBLISHED.get(name, "-") if method.startswith("learned") else ""
         print(f"| {name} | {method} | {cells} | {published} |")
-    if "funnel" in args.targets:
-        print(f"\nfunnel: exact mass of the neck and of the mouth {FUNNEL_REGION_MASS:.4f} each")
+    for name in args.targets:
+        if name in REGIONS:
+            exact = region_mass(name, CONFIG[name]["make"](args.dtype))
+            print(
+                f"\n{name}: exact mass of each region", {k: round(v, 4) for k, v in exact.items()}
+            )
     return results
 
 
@@ -285,6 +326,10 @@ def parse_args(argv=None):
     parser.add_argument("--mmd-samples", type=int, default=1000)
     parser.add_argument("--mass-samples", type=int, default=10000, help="draws for the mode masses")
     parser.add_argument("--max-baseline-paths", type=int, default=4000)
+    parser.add_argument(
+        "--track-every", type=int, default=0, help="print the regions' shares every K fit steps"
+    )
+    parser.add_argument("--track-samples", type=int, default=2000)
     parser.add_argument("--float64", action="store_true")
     parser.add_argument("--bias-vs-k", action="store_true", help="the training-free bias table")
     parser.add_argument("--bias-k", type=int, nargs="+", default=[4, 16, 64, 256])
@@ -300,6 +345,7 @@ def parse_args(argv=None):
         args.eval_samples, args.mmd_samples, args.num_inner = 50, 50, 4
         args.mass_samples = 50
         args.max_baseline_paths = 50
+        args.track_every, args.track_samples = 1, 20
         args.bias_k, args.bias_paths = [4], 20
     return args
 

@@ -21,7 +21,7 @@ def load(name):
         ("svi_step", ["--smoke"]),
         ("gpu_check", ["--device", "cpu", "--smoke"]),
         ("memory", ["--smoke"]),
-        ("samplers", ["--smoke", "--targets", "gmm9", "funnel"]),
+        ("samplers", ["--smoke", "--targets", "gmm9", "funnel", "manywell"]),
         ("samplers", ["--smoke", "--bias-vs-k"]),
         ("parallel", ["--smoke"]),
         # About a minute where numpyro and pymc are installed (JIT and C compilation);

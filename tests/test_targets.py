@@ -106,6 +106,7 @@ def test_funnel_and_manywell_sample_moments():
     upper = torch.trapezoid(density * (x > 0), x) / torch.trapezoid(density, x)
     p = (well[:, 0] > 0).double().mean()
     assert abs(p - upper) < 4 * math.sqrt(upper * (1 - upper) / 20000)
+    assert ManyWellTarget(32).minor_well_mass == pytest.approx(1 - upper.item(), abs=1e-4)
 
 
 def test_gaussian_follmer_drift_is_the_h_transform():

@@ -198,6 +198,12 @@ class ManyWellTarget:
         density = torch.exp(self._well(grid) - self._well(grid).max())
         cdf = torch.cumsum(density, 0)
         self._grid, self._cdf = grid, cdf / cdf[-1]
+        #: Mass of each double well's minor (left, ``x_1 < 0``) well: 0.1557. A
+        #: sampler that misses every minor well has :math:`|\Delta \log Z| =
+        #: -\tfrac{d}{2} \log(1 - m)` (2.708 at ``dim = 32``).
+        self.minor_well_mass = float(
+            self._cdf[torch.searchsorted(grid, torch.tensor(0.0, dtype=grid.dtype))]
+        )
 
     @staticmethod
     def _well(x1: Tensor) -> Tensor:
