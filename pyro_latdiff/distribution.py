@@ -25,6 +25,12 @@ __all__ = ["ALL_STEPS", "EulerChain", "LatentDiffusion", "latent_diffusion_of"]
 #: The ``steps`` of :meth:`EulerChain.path_coefficients` that mean every step.
 ALL_STEPS = slice(None)
 
+#: Without gradients, :meth:`EulerChain.log_prob` scores at most about this many
+#: states (steps x batch) at once: all steps of a large batch at once make every
+#: intermediate of the network a fresh allocation of steps x batch x width, which is
+#: slower than a few steps at a time (2-3x for 1000 draws of 100 series x 50 steps).
+SCORING_BLOCK_STATES = 1 << 16
+
 
 class EulerChain(TorchDistribution):
     r"""A Markov chain of Gaussian Euler transitions on a grid, as one distribution.
@@ -123,6 +129,8 @@ class EulerChain(TorchDistribution):
         steps = self.times.diff().reshape((-1,) + (1,) * (value.dim() - 1))
         t = self.times[:-1].reshape(steps.shape)
         size = self.block_size
+        if size is None and not torch.is_grad_enabled():
+            size = max(1, SCORING_BLOCK_STATES // max(1, batch.numel()))
         if size is None or size >= self.num_steps:
             previous = torch.cat([x0.unsqueeze(0), value[:-1]], dim=0)
             return self._log_prob_of_steps(value, previous, t, steps, ALL_STEPS)

@@ -24,6 +24,7 @@ def load(name):
         ("samplers", ["--smoke", "--targets", "gmm9", "funnel", "manywell"]),
         ("samplers", ["--smoke", "--bias-vs-k"]),
         ("parallel", ["--smoke"]),
+        ("scoring", ["--smoke"]),
         # About a minute where numpyro and pymc are installed (JIT and C compilation);
         # seconds where they are not (each missing peer is skipped with a line).
         pytest.param("peers", ["--smoke"], marks=pytest.mark.slow),

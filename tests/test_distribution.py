@@ -94,6 +94,26 @@ def test_state_dependent_diffusion_matches_manual_chain(grid):
     assert torch.allclose(d.log_prob(path), expected, atol=1e-10)
 
 
+@pytest.mark.parametrize("grid", sorted(GRIDS))
+@pytest.mark.parametrize("states", [1, 5, 10**6])
+def test_log_prob_without_gradients_scores_in_blocks_of_steps(grid, states, monkeypatch):
+    """Without gradients log_prob scores a few steps at a time (at most
+    SCORING_BLOCK_STATES states): the same value as all steps at once, with gradients."""
+    import pyro_latdiff.distribution as distribution
+
+    times = GRIDS[grid]
+    drift, diffusion = state_dependent()
+    x0 = t64([[0.1, -0.4], [1.0, 2.0], [0.0, 0.0]])
+    d = LatentDiffusion(drift, diffusion, x0, times)
+    path = d.sample((4,))
+    expected = _manual_chain_log_prob(drift, diffusion, x0, times, path)
+    monkeypatch.setattr(distribution, "SCORING_BLOCK_STATES", states)
+    with torch.no_grad():
+        blocked = d.log_prob(path)
+    assert torch.allclose(blocked, expected, atol=1e-10)
+    assert torch.allclose(blocked, d.log_prob(path), atol=1e-10)
+
+
 def test_rsample_marginals_match_exact_within_four_standard_errors():
     problem = linear_problem(GRIDS["non-uniform"])
     n = 20000
