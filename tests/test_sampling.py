@@ -22,7 +22,7 @@ from pyro_latdiff.sampling import (
     TargetDensity,
     gaussian_importance_sampling,
 )
-from pyro_latdiff.testing import GaussianTarget, gmm9, mode_masses
+from pyro_latdiff.testing import GaussianTarget, ManyWellTarget, gmm9, mode_masses
 
 DTYPE = torch.float64
 TOL = 4.0  # standard errors
@@ -183,6 +183,13 @@ def test_wrong_shaped_target_is_one_clear_error(log_density):
         MonteCarloFollmerSampler(log_density, 2)
 
 
+@pytest.mark.parametrize("num_steps", [0, -1, 2.5])
+def test_fit_with_a_bad_number_of_steps_is_one_clear_error(num_steps):
+    sampler = FollmerSampler(GaussianTarget(2).log_prob, 2, num_steps=5)
+    with pytest.raises(ValueError, match=r"Expected `num_steps`.*actual"):
+        sampler.fit(num_steps)
+
+
 def test_any_batch_shape_and_plain_functions():
     density = TargetDensity(lambda x: -0.5 * (x**2).sum(-1), 3)
     assert density(torch.zeros(4, 5, 3)).shape == (4, 5)
@@ -203,3 +210,25 @@ def test_fit_takes_the_log_variance_loss_on_a_user_model():
         progress=False,
     )
     assert len(losses) == 3
+
+
+def test_manywell_exact_follmer_drift():
+    """At t = 0 the Föllmer drift is the target's mean; simulated (2-D, 200 Euler steps)
+    it puts the minor well's mass there and gives log Z."""
+    target = ManyWellTarget(2, DTYPE)
+    x1 = target._grid
+    mean = float((x1 * torch.diff(target._cdf, prepend=torch.zeros(1, dtype=DTYPE))).sum())
+    drift = target.follmer_drift(torch.tensor(0.0, dtype=DTYPE), torch.zeros(1, 2, dtype=DTYPE))
+    assert drift[0, 0].item() == pytest.approx(mean, abs=1e-4) and drift[0, 1] == 0
+    times = torch.tensor([0.0, 0.5, 0.9], dtype=DTYPE).reshape(3, 1, 1)
+    assert target.follmer_drift(times, torch.randn(3, 7, 2, dtype=DTYPE)).shape == (3, 7, 2)
+    torch.manual_seed(0)
+    sampler = MonteCarloFollmerSampler(
+        target.log_prob, 2, drift=target.follmer_drift, num_steps=200, dtype=DTYPE
+    )
+    x, log_weights = sampler.sample_with_log_weights(2000)
+    m = target.minor_well_mass
+    share = (x[:, 0] < 0).double().mean().item()
+    assert abs(share - m) < 4 * math.sqrt(m * (1 - m) / 2000)
+    estimate = LogNormalizerEstimate.from_log_weights(log_weights)
+    assert abs(estimate.log_z - target.log_normalizer) < 3 * estimate.stderr + 1e-12

@@ -13,6 +13,7 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.importance import vectorized_importance_weights
 from torch import Tensor
 
+from .._validation import check_positive_int
 from .._warnings import LatentDiffusionWarning
 from ..distribution import EulerChain, LatentDiffusion
 from ..guide import DiffusionGuide
@@ -267,6 +268,7 @@ class FollmerSampler:
 
         :returns: the loss at every step.
         """
+        check_positive_int("num_steps", num_steps)
         optim = kwargs.pop("optim", None) or self._optim(num_steps, lr, final_lr, gain_lr)
         loss = kwargs.pop("loss", None) or self.make_loss(num_particles)
         nonfinite = self.density.num_nonfinite
