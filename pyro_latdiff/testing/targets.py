@@ -12,7 +12,8 @@ the exact ``log_normalizer`` :math:`\log Z = \log \int e^{\log \pi(x)} dx`, and
   :func:`gmm40` (Midgley et al. 2023, FAB).
 - :class:`FunnelTarget`: Neal's funnel (Neal 2003), 10-d by default.
 - :class:`ManyWellTarget`: ManyWell-32 (Midgley et al. 2023), unnormalised,
-  :math:`\log Z = 16 (\ln 11784.50927 + \tfrac12 \ln 2\pi) = 164.6957`.
+  :math:`\log Z = 16 (\ln 11784.50927 + \tfrac12 \ln 2\pi) = 164.6957`, with its
+  exact Föllmer drift by quadrature, :meth:`ManyWellTarget.follmer_drift`.
 
 :func:`mode_masses` and :func:`mode_coverage` measure how a sampler spreads its mass
 over a mixture's modes.
@@ -212,6 +213,34 @@ class ManyWellTarget:
     def log_prob(self, x: Tensor) -> Tensor:
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return (self._well(x1) - 0.5 * x2.square()).sum(-1)
+
+    def follmer_drift(self, t: Tensor, x: Tensor, num_nodes: int = 4001) -> Tensor:
+        r"""The exact Föllmer drift (Brownian reference from 0 on [0, 1], noise 1), by
+        quadrature: coordinate-wise, 0 on the Gaussian coordinates and on the double
+        wells' first coordinates
+
+        .. math::
+
+            b^*(t, x) = \frac{\mathbb E_w[Y] - x}{1 - t}, \qquad
+            w(y) \propto e^{-y^4 + 6 y^2 + y / 2 + y^2 / 2 - (y - x)^2 / (2 (1 - t))},
+
+        on ``num_nodes`` nodes in [-3.5, 3.5] (the posterior of the terminal state given
+        :math:`X_t = x`). For ``t`` 0-d or ``(N, 1, ..., 1)`` (``t < 1``); evaluated in
+        chunks of states: slow, but it shows what a chain on a given grid can reach.
+        """
+        nodes = torch.linspace(-3.5, 3.5, num_nodes, dtype=x.dtype, device=x.device)
+        log_f = self._well(nodes) + 0.5 * nodes.square()  # log pi_1 - log N(0, 1)
+        x1 = x[..., 0::2]
+        v = (1 - torch.as_tensor(t, dtype=x.dtype)).expand(x1.shape).reshape(-1, 1)
+        flat = x1.reshape(-1, 1)
+        means = []
+        for start in range(0, flat.shape[0], 4096):
+            chunk, var = flat[start : start + 4096], v[start : start + 4096]
+            weights = torch.softmax(log_f - (nodes - chunk).square() / (2 * var), dim=-1)
+            means.append(((weights * nodes).sum(-1, keepdim=True) - chunk) / var)
+        out = torch.zeros(torch.broadcast_shapes(x.shape, torch.as_tensor(t).shape), dtype=x.dtype)
+        out[..., 0::2] = torch.cat(means).reshape(x1.shape)
+        return out
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         half = self.dim // 2
