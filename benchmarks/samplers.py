@@ -260,9 +260,9 @@ def bias_vs_k(args):
 def main(args):
     if args.bias_vs_k:
         return bias_vs_k(args)
-    results = {}
+    results, targets = {}, {}
     for name in args.targets:
-        target = CONFIG[name]["make"](args.dtype)
+        target = targets[name] = CONFIG[name]["make"](args.dtype)
         exact = target.sample(args.mmd_samples, generator=torch.Generator().manual_seed(123))
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             budget = None
@@ -299,7 +299,7 @@ def main(args):
         print(f"| {name} | {method} | {cells} | {published} |")
     for name in args.targets:
         if name in REGIONS:
-            exact = region_mass(name, CONFIG[name]["make"](args.dtype))
+            exact = region_mass(name, targets[name])
             print(
                 f"\n{name}: exact mass of each region", {k: round(v, 4) for k, v in exact.items()}
             )

@@ -230,15 +230,16 @@ class ManyWellTarget:
         """
         nodes = torch.linspace(-3.5, 3.5, num_nodes, dtype=x.dtype, device=x.device)
         log_f = self._well(nodes) + 0.5 * nodes.square()  # log pi_1 - log N(0, 1)
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         x1 = x[..., 0::2]
-        v = (1 - torch.as_tensor(t, dtype=x.dtype)).expand(x1.shape).reshape(-1, 1)
+        v = (1 - t).expand(x1.shape).reshape(-1, 1)
         flat = x1.reshape(-1, 1)
         means = []
         for start in range(0, flat.shape[0], 4096):
             chunk, var = flat[start : start + 4096], v[start : start + 4096]
             weights = torch.softmax(log_f - (nodes - chunk).square() / (2 * var), dim=-1)
             means.append(((weights * nodes).sum(-1, keepdim=True) - chunk) / var)
-        out = torch.zeros(torch.broadcast_shapes(x.shape, torch.as_tensor(t).shape), dtype=x.dtype)
+        out = x.new_zeros(torch.broadcast_shapes(x.shape, t.shape))
         out[..., 0::2] = torch.cat(means).reshape(x1.shape)
         return out
 
