@@ -26,6 +26,7 @@ from pyro_latdiff.sampling import (
     FollmerSampler,
     LogNormalizerEstimate,
     MonteCarloFollmerSampler,
+    ReplayBuffer,
     gaussian_importance_sampling,
 )
 from pyro_latdiff.testing import (
@@ -135,13 +136,28 @@ def run_learned(name, target, loss, seed, args):
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     config = CONFIG[name]
+    times = 1 - (1 - torch.linspace(0, 1, args.num_steps + 1, dtype=args.dtype)) ** 2
+    replay = False
+    if loss == "log_variance+replay":
+        # Off-policy: the reference's bridge paths to states of a replay buffer.
+        loss = "log_variance"
+        replay = ReplayBuffer(
+            target.log_prob,
+            target.dim,
+            times,
+            config["sigma"],
+            priority=args.replay_priority,
+            local_search_every=args.local_search_every,
+            dtype=args.dtype,
+        )
     sampler = FollmerSampler(
         target.log_prob,
         target.dim,
-        times=1 - (1 - torch.linspace(0, 1, args.num_steps + 1)) ** 2,
+        times=times,
         sigma=config["sigma"],
         loss=loss,
         noise_scale=args.noise_scale,
+        replay=replay,
         dtype=args.dtype,
     )
     pause = {"seconds": 0.0}
@@ -276,6 +292,8 @@ def main(args):
                     row.update(regions(name, sampler, target, args.eval_samples))
                 results.setdefault((name, f"learned {loss}"), []).append(row)
                 print(name, seed, loss, {k: round(v, 4) for k, v in row.items()}, flush=True)
+            if args.no_baselines:
+                continue
             torch.manual_seed(seed)
             estimate, samples, seconds, evaluations = run_training_free(name, target, budget, args)
             row = describe(target, samples, exact, estimate, seconds, evaluations)
@@ -309,7 +327,18 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", nargs="+", default=["gmm9"], choices=sorted(CONFIG))
-    parser.add_argument("--losses", nargs="+", default=["kl", "log_variance"])
+    parser.add_argument(
+        "--losses",
+        nargs="+",
+        default=["kl", "log_variance"],
+        choices=["kl", "log_variance", "log_variance+replay"],
+        help="log_variance+replay: also the bridge paths to a ReplayBuffer's states",
+    )
+    parser.add_argument("--replay-priority", default="uniform", choices=["uniform", "rank"])
+    parser.add_argument("--local-search-every", type=int, default=10)
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="the learned samplers only (no MC, no IS)"
+    )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, ...")
     parser.add_argument("--sigma", type=float, help="the reference's noise, for every target")

@@ -23,6 +23,7 @@ def load(name):
         ("memory", ["--smoke"]),
         ("samplers", ["--smoke", "--targets", "gmm9", "funnel", "manywell"]),
         ("samplers", ["--smoke", "--bias-vs-k"]),
+        ("samplers", ["--smoke", "--targets", "manywell", "--losses", "log_variance+replay"]),
         ("parallel", ["--smoke"]),
         ("scoring", ["--smoke"]),
         # About a minute where numpyro and pymc are installed (JIT and C compilation);

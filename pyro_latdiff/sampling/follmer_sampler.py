@@ -22,6 +22,7 @@ from .density import TargetDensity
 from .estimate import LogNormalizerEstimate
 from .follmer_drift import MonteCarloFollmerDrift
 from .log_variance import LogVarianceELBO
+from .replay import ReplayBuffer
 
 __all__ = ["FollmerSampler"]
 
@@ -81,7 +82,11 @@ class FollmerSampler:
     **Losses.** ``loss="kl"`` (default) is :class:`~pyro.infer.Trace_ELBO` with the
     path-derivative gradient (reverse KL); ``loss="log_variance"`` is
     :class:`LogVarianceELBO`, with paths from the guide with noise scaled by
-    ``noise_scale``.
+    ``noise_scale``. With ``replay=True`` (log-variance only) the loss also trains on
+    the reference's bridge paths to terminal states kept in a
+    :class:`ReplayBuffer` (:attr:`replay`): the guide's past draws, improved by local
+    search. This keeps modes that on-policy training loses (ManyWell's minor wells,
+    benchmarks/README.md).
 
     Example::
 
@@ -111,6 +116,8 @@ class FollmerSampler:
         of the target in the ELBO gradient) or ``"gradient"``.
     :param str loss: ``"kl"`` or ``"log_variance"``.
     :param float noise_scale: the log-variance loss's proposal noise scale.
+    :param replay: ``True`` for a :class:`ReplayBuffer` with its defaults on the
+        sampler's grid, a buffer built on that grid, or ``False``.
     :param float clip: clip of :math:`\nabla \log \pi` in the target-aware term.
     :param hidden_dims: hidden widths of the guide's network.
     :param torch.dtype dtype: dtype of the paths.
@@ -136,6 +143,7 @@ class FollmerSampler:
         estimator: str = "stein",
         loss: str = "kl",
         noise_scale: float = 1.0,
+        replay: bool | ReplayBuffer = False,
         clip: float = 100.0,
         hidden_dims: Sequence[int] = (64, 64),
         dtype: torch.dtype | None = None,
@@ -169,6 +177,17 @@ class FollmerSampler:
                 "Expected `times` from 0 to 1 with base_drift='monte_carlo', actual from "
                 f"{self.times[0].item()} to {self.times[-1].item()}"
             )
+        if replay is not False and loss != "log_variance":
+            raise ValueError(
+                f"Expected loss='log_variance' with `replay` (reverse KL is on-policy), "
+                f"actual loss={loss!r}"
+            )
+        if replay is True:
+            replay = ReplayBuffer(self.density, dim, self.times, self.sigma, dtype=self.dtype)
+        elif not (replay is False or isinstance(replay, ReplayBuffer)):
+            raise ValueError(f"Expected `replay` to be a bool or a ReplayBuffer, actual {replay!r}")
+        #: The :class:`ReplayBuffer` of the log-variance loss, or ``None``.
+        self.replay = None if replay is False else replay
         self.base_drift = base_drift
         self.num_inner = num_inner
         self.estimator = estimator
@@ -246,7 +265,9 @@ class FollmerSampler:
             return Trace_ELBO(
                 num_particles=num_particles, vectorize_particles=True, max_plate_nesting=0
             )
-        return LogVarianceELBO(num_particles, noise_scale=self.noise_scale, max_plate_nesting=0)
+        return LogVarianceELBO(
+            num_particles, noise_scale=self.noise_scale, max_plate_nesting=0, replay=self.replay
+        )
 
     def fit(
         self,
