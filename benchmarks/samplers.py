@@ -158,6 +158,7 @@ def run_learned(name, target, loss, seed, args):
         loss=loss,
         noise_scale=args.noise_scale,
         replay=replay,
+        hidden_dims=args.hidden_dims,
         dtype=args.dtype,
     )
     pause = {"seconds": 0.0}
@@ -334,6 +335,7 @@ def parse_args(argv=None):
         choices=["kl", "log_variance", "log_variance+replay"],
         help="log_variance+replay: also the bridge paths to a ReplayBuffer's states",
     )
+    parser.add_argument("--hidden-dims", type=int, nargs="+", default=[64, 64])
     parser.add_argument("--replay-priority", default="uniform", choices=["uniform", "rank"])
     parser.add_argument("--local-search-every", type=int, default=10)
     parser.add_argument(

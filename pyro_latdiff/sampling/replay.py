@@ -42,7 +42,8 @@ def brownian_bridge(x1: Tensor, times: Tensor, sigma: float | Tensor = 1.0, x0=N
         raise ValueError("Expected `times` to be strictly increasing")
     x0 = torch.zeros_like(x1) if x0 is None else torch.as_tensor(x0).to(x1).expand_as(x1)
     sigma = torch.as_tensor(sigma).to(x1)
-    noise = torch.randn(x1.shape[:-1] + (steps.shape[0],) + x1.shape[-1:]).to(x1)
+    shape = x1.shape[:-1] + (steps.shape[0],) + x1.shape[-1:]
+    noise = torch.randn(shape, dtype=x1.dtype, device=x1.device)
     walk = (noise * steps.sqrt().unsqueeze(-1)).cumsum(-2)  # W at times[1:]
     fraction = ((times[1:] - times[0]) / (times[-1] - times[0])).unsqueeze(-1)
     pinned = walk - fraction * walk[..., -1:, :]
@@ -192,10 +193,10 @@ class ReplayBuffer:
         if log_densities is None:
             log_densities = self.density(states)
         keep = torch.isfinite(log_densities) & (log_densities > self.density.floor)
-        self.states = torch.cat([self.states, states[keep]])[-self.capacity :]
-        self.log_densities = torch.cat([self.log_densities, log_densities.to(self.dtype)[keep]])[
-            -self.capacity :
-        ]
+        kept = self.states.to(states.device), states[keep]  # the buffer follows the states
+        self.states = torch.cat(kept)[-self.capacity :]
+        values = self.log_densities.to(states.device), log_densities.to(self.dtype)[keep]
+        self.log_densities = torch.cat(values)[-self.capacity :]
 
     def sample(self, num: int) -> Tensor:
         """``num`` states drawn with replacement by the buffer's priority."""
@@ -203,7 +204,7 @@ class ReplayBuffer:
         if not len(self):
             raise RuntimeError("ReplayBuffer.sample: the buffer is empty (call add first)")
         if self.priority == "uniform":
-            index = torch.randint(len(self), (num,))
+            index = torch.randint(len(self), (num,), device=self.states.device)
         else:
             rank = torch.argsort(torch.argsort(self.log_densities, descending=True))
             weight = 1.0 / (self.rank_weight * len(self) + rank.to(self.dtype))
@@ -220,9 +221,11 @@ class ReplayBuffer:
         """MALA from ``local_search_size`` uniformly drawn states; the results are added."""
         if not len(self):
             return
-        x = self.states[torch.randint(len(self), (self.local_search_size,))]
+        index = torch.randint(len(self), (self.local_search_size,), device=self.states.device)
+        x = self.states[index]
         value, grad = self.density.value_and_grad(x)
-        accepted = torch.zeros((), dtype=self.dtype)
+        accepted = torch.zeros((), dtype=self.dtype, device=x.device)
+        self._log_step_size = self._log_step_size.to(x.device)
         for _ in range(self.local_search_steps):
             eps = self._log_step_size.exp()
             y = x + eps * grad + (2 * eps).sqrt() * torch.randn_like(x)
