@@ -74,6 +74,9 @@ def mmd(x: torch.Tensor, y: torch.Tensor) -> float:
 def describe(target, samples, exact, estimate, seconds, evaluations):
     row = dict(
         dlogz=abs(estimate.log_z - target.log_normalizer),
+        # Signed, with the estimate's own standard error: a low ESS shows here.
+        logz_error=estimate.log_z - target.log_normalizer,
+        logz_stderr=estimate.stderr,
         delbo=abs(estimate.elbo - target.log_normalizer),
         ess=estimate.ess / estimate.num_samples,
         mmd=mmd(samples[: exact.shape[0]], exact),
