@@ -114,7 +114,7 @@ class LogVarianceELBO(ELBO):
     the same constant on both: a mode the buffer holds keeps its weight in the guide
     even after the guide's own paths stop reaching it. Other latent sites of those
     particles are drawn from the guide, as above. The path site must be one path per
-    particle (no plate around it).
+    particle (no plate around it). Every evaluation feeds the buffer, ``loss`` too.
 
     **Robustness.** Particles whose log-ratio is not finite, or more than
     ``outlier_threshold`` nats below the median (a target floored for a non-finite
