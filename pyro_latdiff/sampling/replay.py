@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._validation import check_positive_int
+from .._validation import check_positive_float, check_positive_int, check_times
 from .density import TargetDensity
 
 __all__ = ["ReplayBuffer", "brownian_bridge"]
@@ -34,12 +34,9 @@ def brownian_bridge(x1: Tensor, times: Tensor, sigma: float | Tensor = 1.0, x0=N
     """
     if not (isinstance(x1, Tensor) and x1.dim() >= 1):
         raise ValueError(f"Expected `x1` to be a tensor of shape (..., D), actual {x1!r}")
-    if not (isinstance(times, Tensor) and times.dim() == 1 and times.shape[0] >= 2):
-        raise ValueError(f"Expected `times` to be a 1-D tensor of length >= 2, actual {times!r}")
+    check_times(times)
     times = times.to(x1)
     steps = times.diff()
-    if not bool((steps > 0).all()):
-        raise ValueError("Expected `times` to be strictly increasing")
     x0 = torch.zeros_like(x1) if x0 is None else torch.as_tensor(x0).to(x1).expand_as(x1)
     sigma = torch.as_tensor(sigma).to(x1)
     shape = x1.shape[:-1] + (steps.shape[0],) + x1.shape[-1:]
@@ -129,12 +126,8 @@ class ReplayBuffer:
         check_positive_int("local_search_every", local_search_every, minimum=0)
         if priority not in _PRIORITIES:
             raise ValueError(f"Expected `priority` in {_PRIORITIES}, actual {priority!r}")
-        for arg, value in (
-            ("rank_weight", rank_weight),
-            ("step_size", step_size),
-        ):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"Expected `{arg}` to be a positive float, actual {value!r}")
+        check_positive_float("rank_weight", rank_weight)
+        check_positive_float("step_size", step_size)
         if not (isinstance(target_accept, float) and 0 < target_accept < 1):
             raise ValueError(
                 f"Expected `target_accept` to be a float in (0, 1), actual {target_accept!r}"
@@ -149,10 +142,7 @@ class ReplayBuffer:
             raise ValueError(
                 f"Expected `dim` to equal the density's dim {self.density.dim}, actual {dim}"
             )
-        if not (isinstance(times, Tensor) and times.dim() == 1 and times.shape[0] >= 2):
-            raise ValueError(
-                f"Expected `times` to be a 1-D tensor of length >= 2, actual {times!r}"
-            )
+        check_times(times)
         self.dim = dim
         self.times = times.to(self.dtype)
         self.sigma = sigma
