@@ -93,7 +93,7 @@ class GridBrownian(torchsde.BaseBrownian):
     :param torch.Tensor noise: the increments, shape ``(N, batch, M)``.
     """
 
-    __slots__ = ("_noise",)
+    __slots__ = ("_noise", "served")
 
     def __init__(self, noise: Tensor):
         if not isinstance(noise, Tensor) or noise.dim() != 3:
@@ -102,6 +102,8 @@ class GridBrownian(torchsde.BaseBrownian):
                 f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}"
             )
         self._noise = noise
+        #: the increment last served to the solver's loop (see ``_IndexTimeSDE``)
+        self.served: Tensor | None = None
 
     def __call__(self, ta, tb=None, return_U=False, return_A=False):
         if tb is None or return_U or return_A:
@@ -109,7 +111,8 @@ class GridBrownian(torchsde.BaseBrownian):
         if not isinstance(ta, Tensor):  # a caller outside torchsde's loop
             a, b = round(ta), round(tb)
             return self._noise[a:b].sum(0)
-        return at_step(self._noise, ta.to(torch.long))
+        self.served = at_step(self._noise, ta.to(torch.long))
+        return self.served
 
     def __repr__(self) -> str:
         return f"GridBrownian(num_steps={self._noise.shape[0]}, shape={tuple(self.shape)})"
@@ -154,6 +157,9 @@ class _IndexTimeSDE:
         self._general = self.noise_type == "general"
         self._flat = len(shape) == 2  # torchsde's (batch, D) is the state's own shape
         self.states: list[Tensor] | None = None
+        #: the Brownian motion of a solve: a call with an increment it did not serve is
+        #: torchsde's shape check before the solve, answered without evaluating the step
+        self.brownian: GridBrownian | None = None
 
     def with_step(self, step: Step) -> _IndexTimeSDE:
         """The same chain with other coefficients (e.g. those of one block)."""
@@ -162,6 +168,8 @@ class _IndexTimeSDE:
         return new
 
     def f_and_g_prod(self, s: Tensor, y: Tensor, v: Tensor):
+        if self.brownian is not None and v is not self.brownian.served:
+            return y, y  # torchsde reads only the shapes: (batch, D) both
         if self.states is not None:
             self.states.append(y)
         k = s.to(torch.long)
@@ -249,12 +257,14 @@ def _integrate(sde: _IndexTimeSDE, y0: Tensor, index_times: Tensor, bm: GridBrow
     torchsde is asked for the last state only and the states in between are those it
     steps from: asked for every state, it would interpolate each one from the two
     around it (``0 * y_k + 1 * y_{k+1}``, three autograd nodes per step for nothing).
-    Before solving, torchsde calls ``f_and_g_prod`` once at ``y0`` to check shapes;
-    the solver's own ``N`` calls are the last ones.
+    Before solving, torchsde calls ``f_and_g_prod`` once at ``y0`` to check shapes
+    (with an increment of its own): that call is answered with ``y0`` itself, without
+    evaluating the chain's coefficients, and only the solver's ``N`` calls are steps.
     """
     num_steps = index_times.shape[0] - 1
     recorder = copy.copy(sde)
     recorder.states = []
+    recorder.brownian = bm
     ends = index_times[[0, -1]]
     try:
         last = torchsde.sdeint(recorder, y0, ends, bm=bm, method="euler", dt=1.0)[-1]
@@ -263,13 +273,13 @@ def _integrate(sde: _IndexTimeSDE, y0: Tensor, index_times: Tensor, bm: GridBrow
         # torchsde's wrapper of the SDE keeps its own bound methods, a reference cycle
         # that outlives the solve until Python's cyclic collector runs: cut the link
         # from it to the chain (its tables and their autograd graph) and the states.
-        recorder.step = recorder.states = None
-    if len(states) not in (num_steps, num_steps + 1):
+        recorder.step = recorder.states = recorder.brownian = bm.served = None
+    if len(states) != num_steps:
         raise RuntimeError(
             f"Expected torchsde's Euler solver to take {num_steps} steps, actual "
             f"{len(states)} calls of f_and_g_prod"
         )
-    return torch.stack(states[len(states) - num_steps + 1 :] + [last])
+    return torch.stack(states[1:] + [last])
 
 
 def transition_log_prob(
