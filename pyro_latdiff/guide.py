@@ -70,6 +70,14 @@ class _ReferencePaths(Messenger):
         msg["is_observed"] = True
 
 
+def _batch_rank_excess(frames, shape: torch.Size) -> tuple[int, torch.Size | None]:
+    """The number of batch dimensions the vectorised ``frames`` allow, and ``shape`` if
+    it has a non-singleton dimension left of them (else None)."""
+    allowed = max((-f.dim for f in frames), default=0)
+    extra = shape[: max(0, len(shape) - allowed)]
+    return allowed, (shape if any(size > 1 for size in extra) else None)
+
+
 def _outer_batch_shape() -> torch.Size:
     """Batch shape implied by the plates enclosing the guide (e.g. vectorised particles)."""
     shape: list[int] = []
@@ -99,6 +107,11 @@ def _auto_context(path_site: dict, trace, path_names: set[str]) -> list[Tensor]:
         if not (path_frames <= names or names <= path_frames):
             continue
         value = site["value"]
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"Expected the value of site '{name}' to be a torch.Tensor, actual "
+                f"{type(value).__name__} (convert observations with torch.as_tensor)"
+            )
         event_dim = site["fn"].event_dim
         value = value.reshape(value.shape[: value.dim() - event_dim] + (-1,))
         for frame in frames:
@@ -344,6 +357,7 @@ class DiffusionGuide(AutoGuide):
         self._event_dims: dict[str, int] = {}
         self._frames: dict[str, list] = {}
         self._coupling_checked: set[str] = set()
+        self._sites_checked: set[str] = set()
         self._model_has_params = self._find_model_params(*args, **kwargs)
         self.chains = PyroModule()
         self.locs = PyroModule()
@@ -351,6 +365,14 @@ class DiffusionGuide(AutoGuide):
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             self._frames[name] = [f for f in site["cond_indep_stack"] if f.vectorized]
             if latent_diffusion_of(site["fn"]) is not None:
+                if site["fn"].event_dim != 2:
+                    raise ValueError(
+                        f"Expected path site '{name}' to have the event shape (num_steps, "
+                        f"state_dim) of a LatentDiffusion, actual event shape "
+                        f"{tuple(site['fn'].event_shape)}: put series in a pyro.plate, not "
+                        "in .to_event(...) (the guide draws each path given its own "
+                        "observations)"
+                    )
                 self._path_sites.append(name)
             elif site["fn"].support.is_discrete:
                 raise ValueError(
@@ -431,7 +453,13 @@ class DiffusionGuide(AutoGuide):
             return None
         pieces = [p.to(like.dtype) for p in pieces]
         batch = torch.broadcast_shapes(*(p.shape[:-1] for p in pieces))
-        return torch.cat([p.expand(batch + p.shape[-1:]) for p in pieces], dim=-1)
+        context = torch.cat([p.expand(batch + p.shape[-1:]) for p in pieces], dim=-1)
+        # A plate the path is not in leaves a singleton in its place; left of the
+        # path's own batch it would give the guide's path a dimension the model's lacks.
+        rank = len(trace.nodes[name]["fn"].batch_shape)
+        while context.dim() - 1 > rank and context.shape[0] == 1:
+            context = context.squeeze(0)
+        return context
 
     def _normal_distribution(self, name: str) -> TorchDistribution:
         event_dim = self._event_dims[name]
@@ -472,13 +500,35 @@ class DiffusionGuide(AutoGuide):
         # same for every draw: the reference paths (and so the filter) leave out the
         # batch of the enclosing plates (e.g. vectorised particles), which the chain
         # broadcasts to.
-        outer = _outer_batch_shape() if values else torch.Size()
-        paths = _ReferencePaths(remaining, outer, {site: reference})
+        outer = _outer_batch_shape()
         model = poutine.condition(self._unwrapped_model[0], data=values)
+        check_ranks = site not in self._sites_checked and len(outer) > 0
+        if check_ranks and not values:
+            # Once per site under such plates, a pass that keeps their batch checks the
+            # batch ranks of the sites that depend on the path.
+            probe = _ReferencePaths(remaining, outer, {site: reference})
+            with poutine.block(), torch.no_grad():
+                probe_trace = poutine.trace(probe(model)).get_trace(*args, **kwargs)
+            self._check_site_batch_ranks(probe_trace)  # outside block: it reads the plates
+            self._sites_checked.add(site)
+            check_ranks = False
+        paths = _ReferencePaths(remaining, outer if values else torch.Size(), {site: reference})
         with poutine.block(), torch.enable_grad():
             trace = poutine.trace(paths(model)).get_trace(*args, **kwargs)
         self._check_batch_rank(site, trace.nodes[site]["fn"])
+        if check_ranks:
+            self._check_site_batch_ranks(trace)
+            self._sites_checked.add(site)
         prior = paths.fns[site]
+        if prior.noise_type == "general" and prior.noise_dim < prior.event_shape[-1]:
+            raise ValueError(
+                f"Expected the diffusion of site '{site}' to have at least state_dim = "
+                f"{prior.event_shape[-1]} noise columns with general noise, actual "
+                f"(..., {prior.event_shape[-1]}, {prior.noise_dim}): the Euler chain's noise "
+                "covariance is singular, so neither the model's log_prob nor a guide's "
+                "density exists; give every coordinate noise of its own (e.g. append small "
+                "independent columns to the diffusion matrix)"
+            )
         with torch.enable_grad():
             if not self.bridge:
                 return trace, prior, None
@@ -495,6 +545,31 @@ class DiffusionGuide(AutoGuide):
             )
         return trace, prior, kernel
 
+    def _check_site_batch_ranks(self, trace) -> None:
+        """The same check for the model's other sample sites (the observations above
+        all): a site whose batch shape has a dimension left of its plates (and the
+        plates around the guide) is, under vectorised particles, a silent cross product
+        (an observation of a path at several times in a plate of its own, indexed as
+        ``path[..., times, 0]``, weighs the likelihood by the number of particles)."""
+        outer = [f for f in get_plates() if f.vectorized and f.dim]
+        paths = set(self._path_sites)
+        for name, node in trace.nodes.items():
+            if node["type"] != "sample" or name in paths or site_is_subsample(node):
+                continue
+            frames = [f for f in node["cond_indep_stack"] if f.vectorized and f.dim] + outer
+            allowed, shape = _batch_rank_excess(frames, node["fn"].batch_shape)
+            if shape is not None:
+                raise ValueError(
+                    f"Expected site '{name}' to have a batch shape of at most {allowed} "
+                    f"dimensions (its plates {[f.name for f in frames]} at dims "
+                    f"{[f.dim for f in frames]}), actual batch shape {tuple(shape)}: a value "
+                    "computed from a path keeps the path's batch dimensions on its left, so "
+                    "a plate over the path's times or coordinates (e.g. "
+                    "dist.Normal(path[..., times, 0], s) in a plate of observations) makes "
+                    "Pyro's ELBO a cross product over the particles; observe them as one "
+                    "event instead: dist.Normal(path[..., times, 0], s).to_event(1)"
+                )
+
     def _check_batch_rank(self, site: str, fn) -> None:
         """A path whose batch shape has more dimensions than its plates (and the plates
         around the guide, e.g. vectorised particles) is a silent cross product under
@@ -502,10 +577,8 @@ class DiffusionGuide(AutoGuide):
         count. Raise instead."""
         frames = self._frames[site] + [f for f in get_plates() if f.vectorized and f.dim]
         # (called outside poutine.block, which hides the enclosing plates)
-        allowed = max((-f.dim for f in frames), default=0)
-        shape = fn.batch_shape
-        extra = shape[: max(0, len(shape) - allowed)]
-        if any(size > 1 for size in extra):
+        allowed, shape = _batch_rank_excess(frames, fn.batch_shape)
+        if shape is not None:
             raise ValueError(
                 f"Expected site '{site}' to have a batch shape of at most {allowed} dimensions "
                 f"(its plates {[f.name for f in frames]} at dims {[f.dim for f in frames]}), "

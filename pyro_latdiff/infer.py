@@ -60,6 +60,14 @@ def log_evidence(
     check_positive_int("num_samples", num_samples)
     chunk_size = chunk_size_or_default(chunk_size, num_samples)
     check_model_and_guide(model, guide, args, kwargs)
+    _, model_trace = guide_and_model_traces(model, guide, args, kwargs)
+    subsampled = _subsampled_plates(model_trace)
+    if subsampled:
+        raise ValueError(
+            f"log_evidence: expected the model's plates to hold all their members, actual "
+            f"subsampled plates {subsampled}: the importance weights of a minibatch do "
+            "not estimate the evidence of the data; call the model without subsampling"
+        )
     max_plate_nesting = resolve_max_plate_nesting(model, guide, args, kwargs, max_plate_nesting)
     chunks = []
     with torch.no_grad():
@@ -357,6 +365,17 @@ def fit(
     return losses
 
 
+def _subsampled_plates(trace) -> list[str]:
+    """The names of the plates of ``trace`` that hold only some of their members."""
+    names = {
+        frame.name
+        for site in trace.nodes.values()
+        for frame in site.get("cond_indep_stack", ())
+        if frame.full_size is not None and frame.size != frame.full_size
+    }
+    return sorted(names)
+
+
 #: Draws of :func:`fit`'s check of the result, and the effective sample size, as a
 #: fraction of them, below which it warns.
 CHECK_SAMPLES = 256
@@ -364,12 +383,8 @@ CHECK_ESS_FRACTION = 0.1
 
 
 def _check_fit(model, guide, args, kwargs) -> None:
-    guide_trace, _ = guide_and_model_traces(model, guide, args, kwargs)
-    if any(
-        frame.full_size is not None and frame.size != frame.full_size
-        for site in guide_trace.nodes.values()
-        for frame in site.get("cond_indep_stack", ())
-    ):
+    _, model_trace = guide_and_model_traces(model, guide, args, kwargs)
+    if _subsampled_plates(model_trace):
         return  # a subsampled plate: importance weights of a minibatch say nothing
     try:
         estimate = log_evidence(

@@ -157,13 +157,14 @@ def test_states_clamped_into_the_box_are_counted_reported_and_keep_the_evidence_
 
 
 def test_fit_warns_when_the_guide_is_far_from_the_posterior():
-    """Two steps on 40 series with an unknown rate: the rate's guide is far from its
-    posterior and the importance ESS of the joint guide collapses."""
+    """Two steps on 200 series with an unknown rate: the rate's guide is far from its
+    sharp posterior and the importance ESS of the joint guide collapses (about 1 % of
+    the draws over seeds; with 40 series it is 3-9 %, too near the 10 % threshold)."""
     from pyro_latdiff._warnings import GuideQualityWarning
     from pyro_latdiff.testing import SharedRateOU
 
     problem = SharedRateOU(torch.linspace(0.0, 1.0, 6), obs_scale=0.1, prior_scale=2.0)
-    y = problem.simulate(3.0, 40)
+    y = problem.simulate(3.0, 200)
     guide = DiffusionGuide(problem.model)
     with pytest.warns(GuideQualityWarning, match=r"effective sample size is .* of 256 draws"):
         fit(problem.model, guide, y, num_steps=2, progress=False)

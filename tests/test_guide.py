@@ -137,13 +137,12 @@ def test_context_is_the_observations_and_latents_sharing_the_paths_plates():
 
 
 def repeated_observations_model(y, times):
-    """Each path observed at several times: a plate nested in the series plate."""
+    """Each path observed at several times: one event of the series' observations."""
     with pyro.plate("series", y.shape[-1], dim=-1):
         x0 = torch.zeros(y.shape[-1], 1)
         path = pyro.sample("path", LatentDiffusion(lambda t, x: -x, 1.0, x0, times))
-        with pyro.plate("obs_times", y.shape[-2], dim=-2):
-            observed = path[..., [4, 9], 0].transpose(-1, -2)  # (2, M)
-            pyro.sample("y", dist.Normal(observed, 0.3), obs=y)
+        observed = path[..., [4, 9], 0]  # (series, 2)
+        pyro.sample("y", dist.Normal(observed, 0.3).to_event(1), obs=y.transpose(-1, -2))
 
 
 def test_nested_observations_are_folded_into_the_context():
@@ -153,6 +152,73 @@ def test_nested_observations_are_folded_into_the_context():
     losses = fit(repeated_observations_model, guide, y, times, num_steps=60, progress=False)
     assert guide.chains.path.net.context_dim == 2
     assert sum(losses[-10:]) < sum(losses[:10])
+
+
+def plated_observations_model(y, times):
+    """One path observed at several times through a plate of observations: correct
+    for one draw, a cross product over vectorised particles (``path[..., idx, 0]``
+    keeps the particles' singleton on the left of the plate's dimension)."""
+    path = pyro.sample("path", LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1), times))
+    with pyro.plate("obs", y.shape[0]):
+        pyro.sample("y", dist.Normal(path[..., ::3, 0], 0.3), obs=y)
+
+
+@pytest.mark.parametrize("diffusion", ["constant", "callable"])
+def test_general_noise_with_fewer_columns_than_states_is_one_clear_error(diffusion):
+    """A (2, 1) noise matrix makes every Euler step's covariance singular: the guide
+    would draw NaN paths; it says why instead (the model's log_prob does too)."""
+    times = torch.linspace(0.0, 1.0, 6)
+    matrix = torch.tensor([[1.0], [0.5]])
+    sigma = matrix if diffusion == "constant" else (lambda t, x: matrix.expand(x.shape + (1,)))
+
+    def model(y):
+        chain = LatentDiffusion(lambda t, x: -x, sigma, torch.zeros(2), times, noise_type="general")
+        path = pyro.sample("path", chain)
+        pyro.sample("y", dist.Normal(path[..., -1, :], 0.5).to_event(1), obs=y)
+
+    with pytest.raises(ValueError, match=r"at least state_dim = 2 noise columns.*\(\.\.\., 2, 1\)"):
+        DiffusionGuide(model)(torch.tensor([1.0, 0.3]))
+
+
+@pytest.mark.parametrize("y", [[1.0], (1.0,)])
+def test_observations_that_are_not_tensors_are_one_clear_error(y):
+    times = torch.linspace(0.0, 1.0, 6)
+
+    def model(y):
+        path = pyro.sample("path", LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1), times))
+        pyro.sample("y", dist.Normal(path[..., -1, :], 0.5).to_event(1), obs=y)
+
+    with pytest.raises(ValueError, match=r"site 'y' to be a torch.Tensor, actual (list|tuple)"):
+        DiffusionGuide(model)(y)
+
+
+def test_series_in_to_event_instead_of_a_plate_is_one_clear_error():
+    times = torch.linspace(0.0, 1.0, 6)
+
+    def model(y):
+        chain = LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(3, 1), times).to_event(1)
+        path = pyro.sample("path", chain)
+        pyro.sample("y", dist.Normal(path[..., -1, :], 0.5).to_event(2), obs=y)
+
+    with pytest.raises(ValueError, match=r"site 'path'.*event shape \(3, 5, 1\).*pyro.plate"):
+        DiffusionGuide(model)(torch.zeros(3, 1))
+
+
+def test_observations_in_a_plate_of_their_own_are_one_clear_error_under_particles():
+    """Under vectorised particles Pyro weighs such a likelihood by the number of
+    particles, silently (the loss at the exact guide was 35 for 16 particles against
+    -log p(y) = 5.6); one draw at a time it is right, and the guide's path has the
+    model's shape (no singleton from the observations' plate)."""
+    times = torch.linspace(0, 1, 11)
+    y = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    guide = DiffusionGuide(plated_observations_model)
+    value = poutine.trace(guide).get_trace(y, times).nodes["path"]["value"]
+    assert value.shape == (10, 1)
+    Trace_ELBO().loss(plated_observations_model, guide, y, times)  # one draw: fine
+    with pytest.raises(ValueError, match=r"site 'y'.*at most 2 dimensions.*\(4, 1, 4\).*to_event"):
+        fit(plated_observations_model, guide, y, times, num_steps=2, num_particles=4, check=False)
+    with pytest.raises(ValueError, match=r"site 'y'.*cross product"):
+        log_evidence(plated_observations_model, guide, y, times, num_samples=8)
 
 
 def test_guide_errors():
@@ -351,3 +417,15 @@ def test_the_filter_is_per_draw_only_when_the_guide_draws_other_latents(with_glo
         values = {"rate": guide._normal_distribution("rate")()} if with_global else {}
         _, _, kernel = guide._prepass("path", values, (y,), {})
     assert kernel.batch_shape == ((8, 3) if with_global else (3,))
+
+
+def test_log_evidence_of_a_subsampled_model_is_one_clear_error():
+    """The importance weights of a minibatch (scaled up by the plate) do not estimate
+    the evidence of the data: five calls gave -2.0, -4.7, -1.2, -3.9 and +9.1 where the
+    full data's is -6.3. Raise instead of returning such a number."""
+    y = torch.tensor([0.3, -0.2, 0.8, 0.1, -0.5, 0.4])
+    guide = DiffusionGuide(subsampled_model)
+    with pytest.raises(ValueError, match=r"log_evidence.*subsampled plates \['series'\]"):
+        log_evidence(subsampled_model, guide, y, 2, num_samples=16)
+    full = DiffusionGuide(subsampled_model)
+    assert torch.isfinite(log_evidence(subsampled_model, full, y, num_samples=16))
