@@ -257,11 +257,13 @@ class LatentDiffusion(EulerChain):
         if callable(diffusion):
             probe = diffusion(t0, x0)
             shape = check_output("diffusion", probe, x0, positive=not general, matrix=general)
-            batch_shape = torch.broadcast_shapes(batch_shape, shape)
+            batch_shape = _broadcast_batch("diffusion", batch_shape, shape)
         else:
             probe = torch.as_tensor(diffusion)
             if isinstance(diffusion, Tensor):
-                batch_shape = torch.broadcast_shapes(batch_shape, diffusion.shape[:-event_dims])
+                batch_shape = _broadcast_batch(
+                    "diffusion", batch_shape, diffusion.shape[:-event_dims]
+                )
         self.drift = drift
         self.diffusion = diffusion
         self.noise_type = noise_type
@@ -279,11 +281,53 @@ class LatentDiffusion(EulerChain):
     def path_coefficients(
         self, t: Tensor, previous: Tensor, steps: slice = ALL_STEPS
     ) -> tuple[Tensor, Tensor]:
-        return self.drift(t, previous), self._diffusion_fn(t, previous)
+        try:
+            drift, scale = self.drift(t, previous), self._diffusion_fn(t, previous)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"Expected `drift(t, x)` and `diffusion(t, x)` to take all steps at once in "
+                f"log_prob: t of shape {tuple(t.shape)} and x of shape {tuple(previous.shape)} "
+                "(time leftmost); use tensor operations of t (torch.cos(t), t * x), not "
+                f"float(t) or math functions of it, actual it fails: {error}"
+            ) from error
+        # The construction probe sees a 0-d t; here t is (K, 1, ..., 1) and a drift that
+        # broadcasts it against x (e.g. a matrix built as t.shape + (D, D)) would grow
+        # the log-density's shape and sum a wrong value.
+        _check_broadcasts_to("drift", drift, previous.shape)
+        if self.noise_type == "diagonal":
+            _check_broadcasts_to("diffusion", scale, previous.shape)
+        return drift, scale
 
     def diffusion_at(self, t: Tensor, x: Tensor) -> Tensor:
         """``sigma(t, x)`` whether ``diffusion`` is a constant or a callable."""
         return self._diffusion_fn(t, x)
+
+
+def _broadcast_batch(name: str, batch_shape: torch.Size, shape: torch.Size) -> torch.Size:
+    """The batch shape of x0 and the drift broadcast with ``name``'s, or one error."""
+    try:
+        return torch.broadcast_shapes(batch_shape, shape)
+    except RuntimeError:
+        raise ValueError(
+            f"Expected `{name}` to have a batch shape that broadcasts with {tuple(batch_shape)} "
+            f"(the batch shape of x0 and the drift), actual {tuple(shape)}"
+        ) from None
+
+
+def _check_broadcasts_to(name: str, value: Tensor, shape: torch.Size) -> None:
+    if not isinstance(value, Tensor) or value.dim() > len(shape):
+        ok = False
+    else:
+        ok = all(a in (1, b) for a, b in zip(value.shape[::-1], shape[::-1], strict=False))
+    if not ok:
+        raise ValueError(
+            f"Expected `{name}` to return a value that broadcasts to the states it is "
+            f"given, shape {tuple(shape)} in log_prob (time leftmost, t of shape "
+            f"{(shape[0],) + (1,) * (len(shape) - 1)}), actual "
+            f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}: "
+            "t has the states' shape with 1 for each size, so build a (D, D) matrix "
+            "from t[..., 0], not from t"
+        )
 
 
 def latent_diffusion_of(fn) -> LatentDiffusion | None:

@@ -329,3 +329,47 @@ def test_general_noise_errors_name_the_argument_and_the_step():
     fn = LatentDiffusion(lambda t, x: -x, singular, x0, times, noise_type="general")
     with pytest.raises(ValueError, match=r"positive definite.*singular at step k = 0"):
         fn.log_prob(torch.zeros(2, 2, dtype=DTYPE))
+
+
+def test_a_drift_that_broadcasts_time_against_the_states_is_one_clear_error():
+    """Built as ``t.shape + (D, D)``, a matrix drift is right for the construction
+    probe's 0-d t and, in log_prob, where t is (N, 1), returns (N, N, D): the
+    log-density would have shape (N,) and a wrong sum. The error names the drift."""
+
+    def matrix(t):
+        a = torch.zeros(t.shape + (2, 2), dtype=torch.float64)
+        a[..., 0, 0], a[..., 0, 1], a[..., 1, 1] = -1.0, t, -0.5
+        return a
+
+    times = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
+    x0 = torch.tensor([0.5, -0.5], dtype=torch.float64)
+    bad = LatentDiffusion(lambda t, x: (matrix(t) @ x.unsqueeze(-1)).squeeze(-1), 0.5, x0, times)
+    good = LatentDiffusion(
+        lambda t, x: (matrix(t[..., 0] if t.dim() else t) @ x.unsqueeze(-1)).squeeze(-1),
+        0.5, x0, times,
+    )  # fmt: skip
+    value = good.sample()
+    assert good.log_prob(value).shape == ()
+    match = r"`drift`.*shape \(5, 2\).*actual \(5, 5, 2\).*t\[\.\.\., 0\]"
+    with pytest.raises(ValueError, match=match):
+        bad.log_prob(value)
+
+
+@pytest.mark.parametrize(
+    "drift", [lambda t, x: -float(t) * x, lambda t, x: -math.cos(t) * x], ids=["float", "math"]
+)
+def test_a_drift_of_a_python_number_of_t_is_one_clear_error_in_log_prob(drift):
+    """Simulation calls the drift with a 0-d t, log_prob with all steps at once: a
+    float(t) or math.cos(t) works in the one and fails in the other, with a hint."""
+    chain = LatentDiffusion(drift, 1.0, torch.zeros(1), torch.linspace(0.0, 1.0, 6))
+    value = chain.sample()
+    with pytest.raises(ValueError, match=r"all steps at once.*t of shape \(5, 1\).*float\(t\)"):
+        chain.log_prob(value)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "callable"])
+def test_a_diffusion_batch_that_does_not_broadcast_is_one_clear_error(kind):
+    sigma = torch.ones(4, 1)
+    diffusion = sigma if kind == "tensor" else (lambda t, x: sigma)
+    with pytest.raises(ValueError, match=r"`diffusion.*(broadcasts with|shaped like).*actual"):
+        LatentDiffusion(lambda t, x: -x, diffusion, torch.zeros(3, 1), torch.linspace(0, 1, 6))
