@@ -19,6 +19,7 @@ from pyro_latdiff.sampling import (
     LogVarianceELBO,
     MonteCarloFollmerDrift,
     MonteCarloFollmerSampler,
+    ReplayBuffer,
     TargetDensity,
     gaussian_importance_sampling,
 )
@@ -174,6 +175,7 @@ def test_target_with_nan_and_inf_does_not_poison_training():
         lambda x: x,  # (..., D)
         lambda x: x.sum(),  # a scalar
         lambda x: 1.0,  # not a tensor
+        lambda x: -0.5 * x[:, 0] ** 2,  # only batched x: fails on an unbatched (dim,)
     ],
 )
 def test_wrong_shaped_target_is_one_clear_error(log_density):
@@ -190,12 +192,85 @@ def test_fit_with_a_bad_number_of_steps_is_one_clear_error(num_steps):
         sampler.fit(num_steps)
 
 
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda f: FollmerSampler(f, 2, num_steps=0), "num_steps"),
+        (lambda f: FollmerSampler(f, 2, times=torch.tensor([0.0, 0.5, 0.5])), "times"),
+        (lambda f: FollmerSampler(f, 2, times=torch.tensor([0, 1])), "times"),
+        (lambda f: FollmerSampler(f, 2, num_inner=0), "num_inner"),
+        (lambda f: FollmerSampler(f, 2, noise_scale=-1.0), "noise_scale"),
+        (lambda f: MonteCarloFollmerSampler(f, 2, num_steps=2.5), "num_steps"),
+        (lambda f: MonteCarloFollmerSampler(f, 2, sigma=torch.tensor(1.0)), "sigma"),
+        (lambda f: MonteCarloFollmerSampler(f, 2, chunk_size=0), "chunk_size"),
+        (lambda f: MonteCarloFollmerSampler(f, 2, drift="exact"), "drift"),
+    ],
+)
+def test_sampler_arguments_are_checked(make, name):
+    with pytest.raises((ValueError, TypeError), match=f"Expected `{name}`"):
+        make(GaussianTarget(2).log_prob)
+
+
 def test_any_batch_shape_and_plain_functions():
     density = TargetDensity(lambda x: -0.5 * (x**2).sum(-1), 3)
     assert density(torch.zeros(4, 5, 3)).shape == (4, 5)
     value, grad = density.value_and_grad(torch.ones(2, 3))
     assert torch.allclose(grad, -torch.ones(2, 3))
     assert density.num_evaluations == 4 * 5 + 2
+
+
+def test_an_offset_target_is_handled_as_the_unshifted_one():
+    """Finiteness is decided by isfinite, not a threshold: a log-density offset far below
+    any fixed floor keeps its values, its gradients, its buffer states and its log Z."""
+    target = GaussianTarget(2, 1.0, 1.5, DTYPE)
+    offset = -5e4
+    shifted = TargetDensity(lambda x: target.log_prob(x) + offset, 2, dtype=DTYPE)
+    plain = TargetDensity(target.log_prob, 2, dtype=DTYPE)
+    x = torch.randn(50, 2, dtype=DTYPE)
+    value, grad = shifted.value_and_grad(x)
+    assert torch.allclose(value - offset, plain(x))
+    assert torch.allclose(grad, plain.value_and_grad(x)[1])
+    assert shifted.num_nonfinite == 0
+    torch.manual_seed(0)
+    estimate, _ = gaussian_importance_sampling(shifted.log_density, 2, 1000, scale=2.0, dtype=DTYPE)
+    torch.manual_seed(0)
+    reference, _ = gaussian_importance_sampling(target.log_prob, 2, 1000, scale=2.0, dtype=DTYPE)
+    assert estimate.log_z - offset == pytest.approx(reference.log_z, abs=1e-8)
+    buffer = ReplayBuffer(shifted, 2, torch.linspace(0, 1, 5, dtype=DTYPE), dtype=DTYPE)
+    buffer.update(x)
+    assert len(buffer) == 50
+
+
+def test_log_ratio_off_the_support_is_a_flat_floor_below_every_finite_value():
+    """Where log pi is -inf or NaN, log f = log pi - log N(x; 0, s^2) is one constant
+    (it must not grow with |x|, which would push paths out of the support), lower than
+    every finite log f met, with zero gradient; the points are counted."""
+
+    def log_density(x):
+        out = 3.0 - 0.5 * x.square().sum(-1)
+        out = torch.where(x[..., 0] > 0, torch.full_like(out, -math.inf), out)
+        return torch.where(x[..., 1] > 2, torch.full_like(out, math.nan), out)
+
+    density = TargetDensity(log_density, 2, margin=50.0, dtype=DTYPE)
+    torch.manual_seed(1)
+    x = (3 * torch.randn(400, 2, dtype=DTYPE)).requires_grad_()
+    log_f = density.log_ratio(x, scale=1.5)
+    off = (x[:, 0] > 0) | (x[:, 1] > 2)
+    assert off.any() and (~off).any()
+    assert torch.isfinite(log_f).all()
+    assert torch.unique(log_f[off].detach()).numel() == 1
+    assert log_f[off][0] < log_f[~off].min()
+    (grad,) = torch.autograd.grad(log_f.sum(), x)
+    assert torch.equal(grad[off], torch.zeros_like(grad[off]))
+    assert density.num_nonfinite == int(off.sum())
+    finite_values = log_density(x.detach())[~off]
+    assert density.floor == pytest.approx(float(finite_values.min()) - 50.0)
+
+
+@pytest.mark.parametrize("margin", [0.0, -1.0, math.inf, "1"])
+def test_density_margin_must_be_a_positive_number(margin):
+    with pytest.raises((ValueError, TypeError), match="margin"):
+        TargetDensity(lambda x: -x.square().sum(-1), 2, margin=margin)
 
 
 def test_fit_takes_the_log_variance_loss_on_a_user_model():

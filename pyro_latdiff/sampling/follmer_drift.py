@@ -148,12 +148,10 @@ class MonteCarloFollmerDrift:
         return torch.cat([z, -z], -2) if self.antithetic else z
 
     def log_f(self, y: Tensor) -> Tensor:
-        r""":math:`\log f(y) = \log \pi(y) - \log \mathcal N(y; 0, \sigma^2 I)`."""
-        return self.density(y) - self._log_reference(y)
-
-    def _log_reference(self, y: Tensor) -> Tensor:
-        sigma = self.sigma
-        return -0.5 * (y / sigma).square().sum(-1) - self.dim * (_HALF_LOG_TWO_PI + math.log(sigma))
+        r""":math:`\log f(y) = \log \pi(y) - \log \mathcal N(y; 0, \sigma^2 I)` (a
+        constant floor where :math:`\log \pi(y)` is not finite, see
+        :meth:`TargetDensity.log_ratio`)."""
+        return self.density.log_ratio(y, self.sigma)
 
     def __call__(self, t: Tensor, x: Tensor) -> Tensor:
         if self.fixed:
@@ -167,9 +165,12 @@ class MonteCarloFollmerDrift:
         y = x.unsqueeze(-2) + scale * z  # batch + (K, D)
         sigma_sq = self.sigma**2
         if self.estimator == "gradient":
-            log_pi, grad_pi = self.density.value_and_grad(y)
-            weights = torch.softmax(log_pi - self._log_reference(y), -1)
-            grad_log_f = grad_pi + y / sigma_sq
+            log_pi, grad_pi, finite = self.density.value_grad_finite(y)
+            # log f, flat at its floor where log pi is not finite (the reference's
+            # constant term cancels in the softmax), with zero gradient there.
+            log_f = torch.where(finite, log_pi + 0.5 * y.square().sum(-1) / sigma_sq, log_pi)
+            weights = torch.softmax(log_f, -1)
+            grad_log_f = torch.where(finite.unsqueeze(-1), grad_pi + y / sigma_sq, 0.0)
             return sigma_sq * (weights.unsqueeze(-1) * grad_log_f).sum(-2)
         weights = torch.softmax(self.log_f(y), -1)
         return (weights.unsqueeze(-1) * z).sum(-2) * (self.sigma / remaining.squeeze(-1))

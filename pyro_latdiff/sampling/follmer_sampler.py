@@ -13,7 +13,7 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.importance import vectorized_importance_weights
 from torch import Tensor
 
-from .._validation import check_positive_int
+from .._validation import check_positive_float, check_positive_int, check_times
 from .._warnings import LatentDiffusionWarning
 from ..distribution import EulerChain, LatentDiffusion
 from ..guide import DiffusionGuide
@@ -29,7 +29,6 @@ __all__ = ["FollmerSampler"]
 _LOSSES = ("kl", "log_variance")
 _CONTROLS = ("target_aware", "network")
 _BASE_DRIFTS = (None, "monte_carlo")
-_HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
 
 class FollmerSampler:
@@ -167,9 +166,10 @@ class FollmerSampler:
         self.dim = dim
         self.sigma = float(sigma)
         if times is None:
+            check_positive_int("num_steps", num_steps)
             times = torch.linspace(0.0, 1.0, num_steps + 1, dtype=self.dtype)
-        elif not (isinstance(times, Tensor) and times.dim() == 1 and times.shape[0] >= 2):
-            raise ValueError(f"Expected `times` to be a 1-D tensor, actual {times!r}")
+        else:
+            check_times(times)
         self.times = times.to(self.dtype)
         self.horizon = float(self.times[-1] - self.times[0])
         if base_drift == "monte_carlo" and (self.times[0] != 0 or self.times[-1] != 1):
@@ -189,10 +189,10 @@ class FollmerSampler:
         #: The :class:`ReplayBuffer` of the log-variance loss, or ``None``.
         self.replay = None if replay is False else replay
         self.base_drift = base_drift
-        self.num_inner = num_inner
+        self.num_inner = check_positive_int("num_inner", num_inner)
         self.estimator = estimator
         self.loss_name = loss
-        self.noise_scale = float(noise_scale)
+        self.noise_scale = check_positive_float("noise_scale", noise_scale)
         self.name = f"FollmerSampler_{id(self):x}" if name is None else name
         self.guide = DiffusionGuide(
             self.model,
@@ -210,9 +210,10 @@ class FollmerSampler:
         # so the guide's per-step gain (zero at first) has its optimum near 1 there.
         return self.sigma * self.density(x)
 
-    def _log_reference(self, x: Tensor) -> Tensor:
-        scale = self.sigma * math.sqrt(self.horizon)  # the Brownian path's terminal law
-        return -0.5 * (x / scale).square().sum(-1) - self.dim * (_HALF_LOG_TWO_PI + math.log(scale))
+    def _log_ratio(self, x: Tensor) -> Tensor:
+        # log pi - log N(0, sigma^2 T): the Brownian path's terminal law; a constant floor
+        # where log pi is not finite (TargetDensity.log_ratio).
+        return self.density.log_ratio(x, self.sigma * math.sqrt(self.horizon))
 
     def _drift(self) -> Callable[[Tensor, Tensor], Tensor] | None:
         terms: list[Callable[[Tensor, Tensor], Tensor]] = []
@@ -256,7 +257,7 @@ class FollmerSampler:
             )
             pyro.factor("reference", brownian.log_prob(path) - prior.log_prob(path))
         x1 = path[..., -1, :]
-        pyro.factor("target", self.density(x1) - self._log_reference(x1))
+        pyro.factor("target", self._log_ratio(x1))
         return x1
 
     def make_loss(self, num_particles: int = 64) -> pyro.infer.ELBO:
@@ -308,7 +309,9 @@ class FollmerSampler:
             dropped = getattr(loss, "num_dropped", 0) - dropped
             warnings.warn(
                 f"FollmerSampler.fit: {nonfinite} target evaluations were NaN or infinite; "
-                f"they were given log-density {self.density.floor} and zero gradient"
+                f"the log-ratio to the reference was given a constant floor "
+                f"({self.density.margin:g} nats below the lowest finite log-density met, "
+                f"minus the reference's peak) and zero gradient"
                 + (
                     f", and {dropped} paths were left out of the log-variance loss"
                     if dropped

@@ -3,12 +3,12 @@ Föllmer drift."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from .._validation import check_callable, check_positive_float, check_positive_int
 from .density import TargetDensity
 from .estimate import LogNormalizerEstimate
 from .follmer_drift import MonteCarloFollmerDrift
@@ -71,9 +71,12 @@ class MonteCarloFollmerSampler:
         self.dtype = dtype or torch.get_default_dtype()
         self.density = TargetDensity(log_density, dim, dtype=self.dtype)
         self.dim = dim
-        self.num_steps = num_steps
+        self.num_steps = check_positive_int("num_steps", num_steps)
         self.times = torch.linspace(0.0, 1.0, num_steps + 1, dtype=self.dtype)
-        self.sigma = float(sigma)
+        self.sigma = check_positive_float("sigma", sigma)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        if drift is not None:
+            check_callable("drift", drift)
         self.drift = drift or MonteCarloFollmerDrift(
             self.density,
             dim,
@@ -83,7 +86,6 @@ class MonteCarloFollmerSampler:
             fixed=False,
             dtype=self.dtype,
         )
-        self.chunk_size = chunk_size
 
     @torch.no_grad()
     def _simulate(self, n: int) -> tuple[Tensor, Tensor]:
@@ -112,11 +114,8 @@ class MonteCarloFollmerSampler:
         xs, lws = [], []
         for x, log_ratio in self._paths(num_samples):
             xs.append(x)
-            gauss = -0.5 * (x / self.sigma).square().sum(-1) - self.dim * (
-                0.5 * math.log(2 * math.pi) + math.log(self.sigma)
-            )
             with torch.no_grad():
-                lws.append(self.density(x) - gauss + log_ratio)
+                lws.append(self.density.log_ratio(x, self.sigma) + log_ratio)
         return torch.cat(xs), torch.cat(lws)
 
     def log_normalizer(self, num_samples: int = 1000) -> LogNormalizerEstimate:
@@ -143,7 +142,6 @@ def gaussian_importance_sampling(
     """
     density = TargetDensity(log_density, dim, dtype=dtype)
     x = scale * torch.randn(num_samples, dim, dtype=dtype or torch.get_default_dtype())
-    log_q = (-0.5 * (x / scale).square() - math.log(scale) - 0.5 * math.log(2 * math.pi)).sum(-1)
     with torch.no_grad():
-        log_weights = density(x) - log_q
+        log_weights = density.log_ratio(x, scale)
     return LogNormalizerEstimate.from_log_weights(log_weights, num_samples), x

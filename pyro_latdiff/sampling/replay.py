@@ -62,7 +62,8 @@ class ReplayBuffer:
     - **Contents.** :meth:`update` adds the guide's terminal states of a training step
       (``add``) and, every ``local_search_every`` updates, runs :meth:`local_search`.
       The oldest states leave first once ``capacity`` is reached. States whose
-      log-density is not finite (or at the density's floor) are not kept.
+      log-density is not finite are not kept (decided by ``torch.isfinite`` on the raw
+      values, whatever their offset).
     - **Local search.** ``local_search_steps`` Metropolis-adjusted Langevin (MALA)
       steps from ``local_search_size`` states drawn from the buffer, the results added:
       they move towards the target's typical set without leaving their mode, and keep
@@ -181,8 +182,9 @@ class ReplayBuffer:
             )
         states = states.detach().to(self.dtype)
         if log_densities is None:
-            log_densities = self.density(states)
-        keep = torch.isfinite(log_densities) & (log_densities > self.density.floor)
+            log_densities, keep = self.density.evaluate(states)
+        else:
+            keep = torch.isfinite(log_densities)
         kept = self.states.to(states.device), states[keep]  # the buffer follows the states
         self.states = torch.cat(kept)[-self.capacity :]
         values = self.log_densities.to(states.device), log_densities.to(self.dtype)[keep]
