@@ -157,6 +157,13 @@ def test_probability_flow_hutchinson_is_unbiased(float64):
     assert float(bits_per_dim(torch.tensor(-math.log(2) * 3), 3)) == pytest.approx(1.0)
 
 
+def test_probability_flow_likelihood_of_points_of_another_dimension_is_one_clear_error():
+    process = OrnsteinUhlenbeck(horizon=3.0)
+    score = GaussianMixture.gaussian(torch.zeros(3), 0.5).score(process)
+    with pytest.raises(ValueError, match=r"Expected `score\(t, x\)` to return shape \(1, 2\)"):
+        ode_log_likelihood(process, score, torch.zeros(5, 2))
+
+
 # ---------------------------------------------------------------- training and evaluation
 
 

@@ -328,6 +328,18 @@ BAD = [
         ),
     ),
     ("schedule", lambda: exponential_integrator(_score, _ou(), 8, 3, state_dim=2, schedule="x")),
+    (  # ends before the horizon (2.0), where the prior is not the law
+        "schedule` to end at the horizon",
+        lambda: reverse_sde_euler(
+            _score, _ou(), 8, 2, state_dim=2, schedule=torch.tensor([0.0, 0.5, 1.0])
+        ),
+    ),
+    (  # starts above t_min: the samples would be returned at another time
+        "schedule` to start at `t_min`",
+        lambda: exponential_integrator(
+            _score, _ou(), 8, 2, state_dim=2, schedule=torch.tensor([0.1, 1.0, 2.0])
+        ),
+    ),
     ("t_min", lambda: exponential_integrator(_score, _ou(), 8, 3, state_dim=2, t_min=5.0)),
     (
         "x_init",

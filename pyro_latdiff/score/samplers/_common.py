@@ -81,10 +81,19 @@ def make_times(
             "Expected `schedule` to be finite and strictly increasing (positive steps), "
             f"actual {times.tolist()}"
         )
-    if times[0] < 0 or times[-1] > horizon * (1 + 1e-12):
+    # The sampler starts from process.prior, the law at the horizon, and returns its
+    # samples at t_min: a grid ending elsewhere would silently sample the wrong law.
+    first, last = times[0].item(), times[-1].item()
+    tol = 16 * torch.finfo(times.dtype).eps * max(1.0, horizon)
+    if abs(last - horizon) > tol:
         raise ValueError(
-            f"Expected `schedule` within [0, horizon = {horizon}], actual "
-            f"[{times[0].item()}, {times[-1].item()}]"
+            f"Expected `schedule` to end at the horizon {horizon} (the sampler starts from "
+            f"process.prior, the law at the horizon), actual last time {last}"
+        )
+    if abs(first - t_min) > tol:
+        raise ValueError(
+            f"Expected `schedule` to start at `t_min` = {t_min} (the time the samples are "
+            f"returned at; pass t_min=schedule[0]), actual first time {first}"
         )
     return times
 
