@@ -358,6 +358,16 @@ class DiffusionGuide(AutoGuide):
         self._frames: dict[str, list] = {}
         self._coupling_checked: set[str] = set()
         self._sites_checked: set[str] = set()
+        self._model_plate_nesting = max(
+            (
+                -f.dim
+                for site in self.prototype_trace.nodes.values()
+                if site["type"] == "sample"
+                for f in site["cond_indep_stack"]
+                if f.vectorized and f.dim is not None
+            ),
+            default=0,
+        )
         self._model_has_params = self._find_model_params(*args, **kwargs)
         self.chains = PyroModule()
         self.locs = PyroModule()
@@ -649,6 +659,7 @@ class DiffusionGuide(AutoGuide):
     def forward(self, *args, **kwargs) -> dict[str, Tensor]:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        self._check_enclosing_plates()
         plates = self._create_plates(*args, **kwargs)
         values: dict[str, Tensor] = {}
         if self._latent_guide_factory is not None:
@@ -664,6 +675,25 @@ class DiffusionGuide(AutoGuide):
             if self.state_bounds is not None:
                 self.num_clamped += int(chain.num_clamped)
         return values
+
+    def _check_enclosing_plates(self) -> None:
+        """A vectorised plate around the guide (draws, particles) at a dim the model's
+        own plates use would collide with them when the guide runs the model (or give
+        the observations' context a wrong shape). Pyro's ``Predictive(parallel=True)``
+        places its plate from the guide's trace alone, which does not show plates that
+        are around observations only."""
+        nesting = self._model_plate_nesting
+        for frame in get_plates():
+            if frame.vectorized and frame.dim is not None and -frame.dim <= nesting:
+                raise ValueError(
+                    f"DiffusionGuide: expected the enclosing plate '{frame.name}' at a dim "
+                    f"left of the model's plates (down to dim -{nesting}), actual dim "
+                    f"{frame.dim}. Predictive(parallel=True) guesses the plate nesting from "
+                    "the guide's trace, which does not show plates around observations "
+                    "only: draw with Predictive(..., parallel=False), with "
+                    "pyro_latdiff.to_inference_data, or inside pyro.plate(..., "
+                    f"dim={-(nesting + 1)})"
+                )
 
     def fit_counters(self) -> dict[str, int]:
         """Running counts that :func:`~pyro_latdiff.fit` shows and reports: the

@@ -204,6 +204,28 @@ def test_series_in_to_event_instead_of_a_plate_is_one_clear_error():
         DiffusionGuide(model)(torch.zeros(3, 1))
 
 
+def test_parallel_predictive_with_plates_around_observations_only_is_one_clear_error():
+    """One path seen by three sensors (a plate around the observations only): Pyro's
+    Predictive(parallel=True) puts its draws' plate at dim -1, guessed from the guide's
+    trace, where the model's sensors plate is. Sequential draws and the library's own
+    vectorised passes place it right."""
+    times = torch.linspace(0.0, 1.0, 6)
+
+    def model(y):
+        path = pyro.sample("path", LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1), times))
+        with pyro.plate("sensors", 3):
+            pyro.sample("y", dist.Normal(path[..., -1, 0], 0.3), obs=y)
+
+    y = torch.tensor([0.8, 1.1, 0.6])
+    guide = DiffusionGuide(model)
+    with pytest.raises(ValueError, match=r"plate '_num_predictive_samples'.*dim=-2"):
+        Predictive(model, guide=guide, num_samples=4, parallel=True)(y)
+    assert Predictive(model, guide=guide, num_samples=4)(y)["path"].shape == (4, 1, 5, 1)
+    with pyro.plate("draws", 4, dim=-2):
+        assert guide(y)["path"].shape == (4, 1, 5, 1)
+    assert math.isfinite(float(log_evidence(model, guide, y, num_samples=64)))
+
+
 def test_observations_in_a_plate_of_their_own_are_one_clear_error_under_particles():
     """Under vectorised particles Pyro weighs such a likelihood by the number of
     particles, silently (the loss at the exact guide was 35 for 16 particles against
