@@ -30,6 +30,7 @@ from torchdiffeq import odeint
 
 from .._validation import check_positive_int
 from .losses import divergence
+from .samplers.probability_flow import ADAPTIVE_METHODS
 
 __all__ = ["bits_per_dim", "ode_log_likelihood"]
 
@@ -54,7 +55,7 @@ def ode_log_likelihood(
     :param float truncation: the data time :math:`\epsilon \ge 0`.
     :param bool exact_divergence: exact divergence; default: ``D <= 16``.
     :param float rtol: ODE solver tolerance. :param float atol: ODE solver tolerance.
-    :param str method: a torchdiffeq method.
+    :param str method: an adaptive torchdiffeq method (``dopri5``, ``bosh3``, ...).
     :param int chunk_size: rows solved together.
     :returns: ``(n,)``, in nats.
     """
@@ -64,6 +65,11 @@ def ode_log_likelihood(
             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
         )
     check_positive_int("chunk_size", chunk_size)
+    if method not in ADAPTIVE_METHODS:  # a fixed-grid method would take one step
+        raise ValueError(
+            f"Expected `method` to be an adaptive torchdiffeq method {ADAPTIVE_METHODS} (the "
+            f"solve from truncation to the horizon has no grid of its own), actual {method!r}"
+        )
     horizon = float(process.horizon)
     if not 0 <= truncation < horizon:
         raise ValueError(f"Expected `truncation` in [0, {horizon}), actual {truncation!r}")
@@ -88,6 +94,7 @@ def ode_log_likelihood(
         probe = torch.randint(0, 2, chunk.shape, dtype=x.dtype, device=x.device) * 2 - 1
 
         def flow(t: Tensor, state: Tensor, probe: Tensor = probe) -> Tensor:
+            t = t.clamp(times[0], times[-1])  # adaptive steps may reach past the ends
             y = state[..., :d]
             with torch.enable_grad():
                 y = y.detach().requires_grad_(True)

@@ -99,6 +99,10 @@ def probability_flow_ode(
     call.count = 0  # the probe is not part of the solve
 
     def velocity(t: Tensor, y: Tensor) -> Tensor:
+        # An adaptive solver's first-step probe and its last step may reach outside the
+        # grid, where a process's coefficients need not exist (a VP beta below 0): there
+        # the field is held at the grid's end, which leaves the solution on it unchanged.
+        t = t.clamp(times[0], times[-1])
         f = as_coef(process.drift_coef(t), y)
         g = as_coef(process.diffusion_coef(t), y)
         return f * y - 0.5 * g**2 * call(t, y)
