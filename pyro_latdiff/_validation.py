@@ -356,7 +356,7 @@ def check_drift_on_samples(drift, x0: Tensor, t0: float) -> None:
 
 
 def check_fn_output(name: str, out, x: Tensor) -> None:
-    """``out = fn(x)`` has shape ``x.shape[:-1] + event_shape``."""
+    """``out = fn(x)`` has shape ``x.shape[:-1] + event_shape`` and ``x``'s dtype."""
     if not isinstance(out, Tensor):
         raise TypeError(
             f"Expected `{name}(x)` to return a torch.Tensor, actual {type(out).__name__}"
@@ -366,6 +366,11 @@ def check_fn_output(name: str, out, x: Tensor) -> None:
         raise ValueError(
             f"Expected `{name}(x)` for x of shape {shape_of(x)} to return shape "
             f"{tuple(lead)} + event_shape, actual shape {shape_of(out)}"
+        )
+    if out.dtype != x.dtype:  # the estimators accumulate in x's dtype
+        raise ValueError(
+            f"Expected `{name}(x)` to return x's dtype {x.dtype} (for a probability, "
+            f"(x[..., 0] > 0).to(x.dtype)), actual {out.dtype}"
         )
 
 

@@ -482,6 +482,30 @@ def test_bad_euler_and_likelihood_input():
         likelihood(lambda x: x, _benes_drift, _x0(0.5), 1.0, num_samples=10)
 
 
+@pytest.mark.parametrize(
+    "estimate",
+    [
+        lambda g: expectation(g, _benes_drift, _x0(0.5), 1.0, num_samples=10),
+        lambda g: rmlmc_expectation(g, _benes_drift, _x0(0.5), 1.0, num_samples=10),
+        lambda g: rmlmc_expectation(
+            g, _benes_drift, _x0(0.5), 1.0, num_samples=10, estimator="single"
+        ),
+        lambda g: euler_expectation(g, _benes_drift, _x0(0.5), 1.0, num_samples=10, num_steps=4),
+    ],
+    ids=["parametrix", "rmlmc-coupled", "rmlmc-single", "euler"],
+)
+@pytest.mark.parametrize(
+    "fn",
+    [lambda x: x[..., 0] > 0, lambda x: (x[..., 0] > 0).long(), lambda x: x[..., 0].float()],
+    ids=["bool", "long", "float32"],
+)
+def test_fn_of_another_dtype_is_one_clear_error(estimate, fn):
+    """An indicator or a float32 fn on float64 states: one error with the fix, in every
+    estimator (RMLMC raised torch's index-put error, Euler a mean() dtype error)."""
+    with pytest.raises(ValueError, match=r"Expected `fn\(x\)` to return x's dtype torch.float64"):
+        estimate(fn)
+
+
 def test_public_names():
     assert unbiased.__all__ == sorted(unbiased.__all__)
     for name in unbiased.__all__:
