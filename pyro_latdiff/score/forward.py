@@ -220,6 +220,12 @@ class VariancePreserving(ForwardProcess):
     def _transition_variance(self, s: Tensor, t: Tensor) -> Tensor:
         return -torch.expm1(2 * (self._log_mean_scale(t) - self._log_mean_scale(s)))
 
+    def score_step_weight(self, s: Tensor, t: Tensor) -> Tensor:
+        r""":math:`a^{-1} \int_s^t g(u)^2 a(u, t)\, du = 2 (1 / a - 1)`, ``a = a(s, t)``:
+        exact, as :math:`g^2 = \beta` and :math:`\partial_u a(u, t) = \tfrac12 \beta(u)
+        a(u, t)` (the exponential integrator's score weight)."""
+        return 2 * torch.expm1(self._log_mean_scale(s) - self._log_mean_scale(t))
+
 
 class OrnsteinUhlenbeck(VariancePreserving):
     r"""The Ornstein–Uhlenbeck process :math:`dX = -X\, dt + \sqrt 2\, dB` of Chen et
@@ -282,6 +288,11 @@ class VarianceExploding(ForwardProcess):
         # sigma(t)^2 - sigma(s)^2 = sigma(t)^2 (1 - exp(-2 r (t - s) / T)), r = log ratio.
         rate = 2 * self._log_ratio / self.horizon
         return self.sigma(t).square() * -torch.expm1(-rate * (t - s))
+
+    def score_step_weight(self, s: Tensor, t: Tensor) -> Tensor:
+        r""":math:`\int_s^t g(u)^2 du = \sigma(t)^2 - \sigma(s)^2` (``a = 1``): the
+        exponential integrator's score weight, exact."""
+        return self._transition_variance(s, t)
 
 
 class CriticallyDampedLangevin:

@@ -178,7 +178,11 @@ def gauss_legendre(num_nodes: int, dtype, device=None) -> tuple[Tensor, Tensor]:
 def score_step_coefs(process, times: Tensor, num_nodes: int = 16) -> Tensor:
     r"""``c_k = \int_{t_k}^{t_{k+1}} g(u)^2 a(u, t_{k+1}) du / a(t_k, t_{k+1})``, the
     weight of a score frozen at ``t_{k+1}`` over the reverse step to ``t_k``
-    (Gauss-Legendre), for all ``k`` at once; ``a(s, t)`` is the transition scale."""
+    (the process's closed form ``score_step_weight(s, t)`` where it has one, else
+    Gauss-Legendre), for all ``k`` at once; ``a(s, t)`` is the transition scale."""
+    closed_form = getattr(process, "score_step_weight", None)
+    if closed_form is not None:
+        return as_coef(closed_form(times[:-1], times[1:]), times[1:]).expand(times.shape[0] - 1)
     nodes, weights = gauss_legendre(num_nodes, times.dtype, times.device)
     lo, hi = times[:-1, None], times[1:, None]
     u = lo + (hi - lo) * nodes

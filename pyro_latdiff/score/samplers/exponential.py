@@ -42,8 +42,9 @@ def exponential_integrator(
         x_k = \frac{x_{k+1}}{a} + c_k\, s(t_{k+1}, x_{k+1}) + \frac{\sigma}{a} \xi_k,
         \qquad c_k = \frac{1}{a} \int_{t_k}^{t_{k+1}} g(u)^2 a(u, t_{k+1})\, du,
 
-    with ``a = a(t_k, t_{k+1})``, ``\sigma = \sigma(t_k, t_{k+1})``; ``c_k`` by
-    Gauss-Legendre quadrature, once per grid. For the OU process
+    with ``a = a(t_k, t_{k+1})``, ``\sigma = \sigma(t_k, t_{k+1})``; ``c_k`` from the
+    process's ``score_step_weight`` where it has one (variance preserving and exploding
+    processes), else by Gauss-Legendre quadrature, once per grid. For the OU process
     ``dX = -X dt + \sqrt{2} dB`` this is Chen et al.'s
     ``x_k = e^h x_{k+1} + 2 (e^h - 1) s + \sqrt{e^{2h} - 1}\, \xi``; for variance
     preserving processes ``c_k = 2 (1 / a - 1)``; for variance exploding ones
