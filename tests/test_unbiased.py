@@ -462,6 +462,8 @@ def test_bad_law(make, error, name):
     [
         (dict(estimator="both"), ValueError, "estimator"),
         (dict(decay=0.0), ValueError, "decay"),
+        (dict(decay=1.0), ValueError, "decay"),  # infinite expected cost
+        (dict(decay=0.5), ValueError, "decay"),
         (dict(base_steps=0), ValueError, "base_steps"),
         (dict(base_steps=1.5), TypeError, "base_steps"),
         (dict(num_samples=0), ValueError, "num_samples"),

@@ -103,6 +103,11 @@ def rmlmc_expectation(
     """
     check_positive_int("base_steps", base_steps, strict=True)
     decay = check_positive_float("decay", decay)
+    if not decay > 1:  # the expected cost is sum_l P(L >= l) 2**l = sum_l 2**((1 - r) l)
+        raise ValueError(
+            f"Expected `decay` > 1 (at or below 1 the expected cost, and memory, of a "
+            f"sample is infinite; below beta = 2 for a finite variance), actual {decay}"
+        )
     if estimator not in ("coupled", "single"):
         raise ValueError(f"Expected `estimator` to be 'coupled' or 'single', actual {estimator!r}")
     check_x0(x0)
