@@ -405,6 +405,20 @@ BAD = [
 ]
 
 
+def _score_changing_shape(t, x):
+    """Right at the first call (the horizon), (n, 1) afterwards: would broadcast."""
+    return -x if float(t) == 2.0 else -x[:, :1]
+
+
+@pytest.mark.parametrize(
+    "sampler", [reverse_sde_euler, exponential_integrator, probability_flow_ode, cld_sampler]
+)
+def test_a_score_of_the_wrong_shape_after_the_first_call_is_one_clear_error(sampler):
+    process = CriticallyDampedLangevin(horizon=2.0) if sampler is cld_sampler else _ou()
+    with pytest.raises(ValueError, match=r"Expected `score\(t, x\)` to return shape.*actual"):
+        sampler(_score_changing_shape, process, 8, 4, state_dim=2)
+
+
 @pytest.mark.parametrize("name, call", BAD, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])
 def test_bad_input_names_the_argument(name, call):
     with pytest.raises(ValueError, match=f"Expected `{name}"):

@@ -127,28 +127,34 @@ def initial_state(
 class CountedCall:
     """A network called as ``fn(t, x)``; counts calls and checks the first one."""
 
-    def __init__(self, fn: Callable, name: str, out_dim: int | None = None):
+    def __init__(self, fn: Callable, name: str, out_dim: int | None = None, extra_dims: tuple = ()):
         if not callable(fn):
             raise ValueError(f"Expected `{name}` to be callable, actual {type(fn).__name__}")
         self.fn = fn
         self.name = name
-        self.out_dim = out_dim
+        self.out_dim = out_dim  # the output's last dimension, if not x's
+        self.extra_dims = tuple(extra_dims)  # trailing dimensions after it (a matrix)
         self.count = 0
 
     def __call__(self, t: Tensor, x: Tensor) -> Tensor:
+        """Every call: the output must be a tensor of the expected shape (a shape
+        comparison, no host synchronisation; a wrong shape would broadcast silently)."""
         self.count += 1
-        return self.fn(t, x)
-
-    def checked(self, t: Tensor, x: Tensor) -> Tensor:
-        """The first call: the output must be a finite tensor shaped like ``x``."""
-        out = self(t, x)
+        out = self.fn(t, x)
         expected = x.shape if self.out_dim is None else x.shape[:-1] + (self.out_dim,)
+        expected = expected + self.extra_dims
         if not isinstance(out, Tensor) or out.shape != expected:
             actual = shape_of(out) if isinstance(out, Tensor) else type(out).__name__
+            when = t.tolist() if isinstance(t, Tensor) else t
             raise ValueError(
                 f"Expected `{self.name}(t, x)` to return shape {tuple(expected)} for x of "
-                f"shape {shape_of(x)}, actual {actual}"
+                f"shape {shape_of(x)}, actual {actual} at t = {when}"
             )
+        return out
+
+    def checked(self, t: Tensor, x: Tensor) -> Tensor:
+        """The first call: also, the output must be finite."""
+        out = self(t, x)
         if not torch.isfinite(out).all():
             raise ValueError(
                 f"Expected `{self.name}(t, x)` to be finite, actual NaN or inf at t = {float(t)}"

@@ -114,11 +114,13 @@ def cld_sampler(
     propagate, column, noise = (m.to(z.device) for m in _step_tables(process, times))
     times = times.to(z.device)
     call = CountedCall(score, "score")
-    s = call(times[-1], z)
+    s = score(times[-1], z)  # the first call decides which of two shapes the score has
+    call.count += 1
     if isinstance(s, Tensor) and s.shape == z.shape:
         velocity_half = True
     elif isinstance(s, Tensor) and s.shape == (num_samples, state_dim):
         velocity_half = False
+        call.out_dim = state_dim  # the later calls are checked against it
     else:
         actual = shape_of(s) if isinstance(s, Tensor) else type(s).__name__
         raise ValueError(
