@@ -102,6 +102,8 @@ def _auto_context(path_site: dict, trace, path_names: set[str]) -> list[Tensor]:
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or name in path_names or site_is_subsample(site):
             continue
+        if site["infer"].get("_deterministic"):  # a function of the others, no data
+            continue
         frames = [f for f in site["cond_indep_stack"] if f.vectorized]
         names = {f.name for f in frames}
         if not (path_frames <= names or names <= path_frames):
@@ -132,7 +134,7 @@ def _observation_log_likelihood(trace, path_names: set[str]):
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or not site["is_observed"] or name in path_names:
             continue
-        if site_is_subsample(site):
+        if site_is_subsample(site) or site["infer"].get("_deterministic"):
             continue
         minibatch = 1.0
         for frame in site["cond_indep_stack"]:
@@ -486,7 +488,7 @@ class DiffusionGuide(AutoGuide):
             return make(loc, log_scale)
         return PathDerivative(make(loc, log_scale), make(loc.detach(), log_scale.detach()))
 
-    def _prepass(self, site: str, values: dict, args, kwargs):
+    def _prepass(self, site: str, values: dict, args, kwargs, subsamples: dict | None = None):
         """Run the model with the guide's values so far (other latents, earlier paths)
         and reference paths for the paths not yet drawn, without simulating: gives the
         path site's prior (with the guide's upstream values), its context, and the
@@ -495,23 +497,24 @@ class DiffusionGuide(AutoGuide):
         # upstream values (globals, earlier paths) or to the model's parameters.
         upstream = any(isinstance(v, Tensor) and v.requires_grad for v in values.values())
         graph = torch.is_grad_enabled() and (upstream or self._model_has_params)
-        trace, prior, kernel = self._reference_pass(site, values, None, graph, args, kwargs)
+        passes = (site, values, graph, args, kwargs, subsamples or {})
+        trace, prior, kernel = self._reference_pass(None, *passes)
         for _ in range(self.relinearise if kernel is not None else 0):
             with torch.no_grad():
                 if kernel.drift_is_affine(prior):
                     break
                 mean = kernel.mean_path(prior)
-            trace, prior, kernel = self._reference_pass(site, values, mean, graph, args, kwargs)
+            trace, prior, kernel = self._reference_pass(mean, *passes)
         return trace, prior, kernel
 
-    def _reference_pass(self, site, values, reference, create_graph, args, kwargs):
+    def _reference_pass(self, reference, site, values, create_graph, args, kwargs, subsamples):
         remaining = set(self._path_sites) - set(values)
         # Without the guide's values of other latents the observations' terms are the
         # same for every draw: the reference paths (and so the filter) leave out the
         # batch of the enclosing plates (e.g. vectorised particles), which the chain
         # broadcasts to.
         outer = _outer_batch_shape()
-        model = poutine.condition(self._unwrapped_model[0], data=values)
+        model = poutine.condition(self._unwrapped_model[0], data={**subsamples, **values})
         check_ranks = site not in self._sites_checked and len(outer) > 0
         if check_ranks and not values:
             # Once per site under such plates, a pass that keeps their batch checks the
@@ -661,6 +664,13 @@ class DiffusionGuide(AutoGuide):
             self._setup_prototype(*args, **kwargs)
         self._check_enclosing_plates()
         plates = self._create_plates(*args, **kwargs)
+        # The model's subsampled plates, run inside the guide, take the guide's indices
+        # (as Pyro's ELBOs replay them), so each path is guided by its own observations.
+        subsamples = {
+            name: plate._indices
+            for name, plate in plates.items()
+            if plate._indices is not None and plate.subsample_size < plate.size
+        }
         values: dict[str, Tensor] = {}
         if self._latent_guide_factory is not None:
             values.update(self.latents(*args, **kwargs))
@@ -668,7 +678,7 @@ class DiffusionGuide(AutoGuide):
             with self._plate_stack(name, plates):
                 values[name] = pyro.sample(name, self._normal_distribution(name))
         for name in self._path_sites:  # in model order: a later path may start from an earlier
-            trace, prior, kernel = self._prepass(name, values, args, kwargs)
+            trace, prior, kernel = self._prepass(name, values, args, kwargs, subsamples)
             fn, chain = self._path_distribution(name, trace, prior, kernel, args, kwargs)
             with self._plate_stack(name, plates):
                 values[name] = pyro.sample(name, fn)
