@@ -38,6 +38,17 @@ def guide_and_model_traces(model: Callable, guide: Callable, args, kwargs):
     return guide_trace, model_trace
 
 
+def subsampled_plates(trace) -> list[str]:
+    """The names of the plates of ``trace`` that hold only some of their members."""
+    names = {
+        frame.name
+        for site in trace.nodes.values()
+        for frame in site.get("cond_indep_stack", ())
+        if frame.full_size is not None and frame.size != frame.full_size
+    }
+    return sorted(names)
+
+
 def plate_nesting(*traces) -> int:
     """The deepest vectorised plate dimension of the sample sites in ``traces``."""
     dims = [

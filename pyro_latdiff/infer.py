@@ -19,7 +19,7 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._traces import guide_and_model_traces, resolve_max_plate_nesting
+from ._traces import guide_and_model_traces, resolve_max_plate_nesting, subsampled_plates
 from ._validation import check_model_and_guide, check_positive_int, chunk_size_or_default
 from ._warnings import GuideQualityWarning, LatentDiffusionWarning
 
@@ -61,7 +61,7 @@ def log_evidence(
     chunk_size = chunk_size_or_default(chunk_size, num_samples)
     check_model_and_guide(model, guide, args, kwargs)
     _, model_trace = guide_and_model_traces(model, guide, args, kwargs)
-    subsampled = _subsampled_plates(model_trace)
+    subsampled = subsampled_plates(model_trace)
     if subsampled:
         raise ValueError(
             f"log_evidence: expected the model's plates to hold all their members, actual "
@@ -206,6 +206,28 @@ def _save_checkpoint(path: str, svi: SVI, step: int, losses: list[float], rng) -
     os.replace(temporary, path)  # atomic: a reader sees the old or the new file
 
 
+def _check_checkpoint(path, state, guide_trace, num_steps: int) -> None:
+    """The checkpoint holds this guide's parameters (a guide built while another of the
+    same class lives gets another name, so a resume would silently train a fresh one)
+    and is not past ``num_steps`` (a shorter run would rewrite its step count)."""
+    saved = set(state["params"]["params"])
+    names = [n for n, site in guide_trace.nodes.items() if site["type"] == "param"]
+    missing = [name for name in names if name not in saved]
+    if missing:
+        prefixes = sorted({name.split(".")[0] for name in saved})
+        raise ValueError(
+            f"fit: expected checkpoint {str(path)!r} to hold the guide's parameters, actual "
+            f"it lacks {missing[:3]}{' ...' if len(missing) > 3 else ''} (it holds "
+            f"parameters under {prefixes}); build the guide with the name it was saved "
+            "under, e.g. DiffusionGuide(model, name=...), or remove the file to start afresh"
+        )
+    if state["step"] > num_steps:
+        raise ValueError(
+            f"fit: expected `num_steps` >= the checkpoint's step {state['step']} to resume "
+            f"{str(path)!r}, actual {num_steps}"
+        )
+
+
 def _rng_state():
     return {
         "torch": torch.get_rng_state(),
@@ -322,8 +344,9 @@ def fit(
         # Create the guide's parameters before restoring the random state: a guide
         # that initialises lazily must not draw from the restored stream.
         with poutine.block(), torch.no_grad():
-            poutine.trace(guide).get_trace(*args, **kwargs)
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         state = torch.load(checkpoint, weights_only=False)
+        _check_checkpoint(checkpoint, state, guide_trace, num_steps)
         pyro.get_param_store().set_state(state["params"])
         optim.set_state(state["optim"])
         _set_rng_state(state["rng"])
@@ -365,17 +388,6 @@ def fit(
     return losses
 
 
-def _subsampled_plates(trace) -> list[str]:
-    """The names of the plates of ``trace`` that hold only some of their members."""
-    names = {
-        frame.name
-        for site in trace.nodes.values()
-        for frame in site.get("cond_indep_stack", ())
-        if frame.full_size is not None and frame.size != frame.full_size
-    }
-    return sorted(names)
-
-
 #: Draws of :func:`fit`'s check of the result, and the effective sample size, as a
 #: fraction of them, below which it warns.
 CHECK_SAMPLES = 256
@@ -384,7 +396,7 @@ CHECK_ESS_FRACTION = 0.1
 
 def _check_fit(model, guide, args, kwargs) -> None:
     _, model_trace = guide_and_model_traces(model, guide, args, kwargs)
-    if _subsampled_plates(model_trace):
+    if subsampled_plates(model_trace):
         return  # a subsampled plate: importance weights of a minibatch say nothing
     try:
         estimate = log_evidence(

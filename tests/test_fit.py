@@ -87,6 +87,21 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     assert all(torch.equal(got[k], expected[k]) for k in got)
 
 
+def test_resuming_a_checkpoint_of_another_guide_or_past_num_steps_is_one_clear_error(tmp_path):
+    """A guide named otherwise than the saved one (a second DiffusionGuide built while
+    the first lives gets another name) would train afresh while "resuming"; a shorter
+    num_steps would rewrite the step count. Both raise, the file untouched."""
+    path = tmp_path / "run.pt"
+    run(path, "saved", 6)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"checkpoint .*lacks \['other\..*under \['saved'\]"):
+        run(path, "other", 12)
+    with pytest.raises(ValueError, match=r"`num_steps` >= the checkpoint's step 6.*actual 3"):
+        run(path, "saved", 3)
+    assert path.read_bytes() == before
+    assert len(run(path, "saved", 6)) == 6  # the same num_steps: nothing left to do
+
+
 def test_same_seed_same_losses_and_evidence():
     problem = ou_problem(num_steps=10)
     y = torch.tensor([1.5])

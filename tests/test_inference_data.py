@@ -341,3 +341,25 @@ def test_bench_a_terminal_marginal_against_exact(bench_a, tmp_path):
     ax.figure.savefig(tmp_path / "paths.png")
     plt.close("all")
     assert (tmp_path / "terminal.png").stat().st_size > 0
+
+
+def test_a_subsampled_model_is_one_clear_error():
+    """Each chunk of draws would hold other series (the observed data too: only the
+    first chunk's subsample was kept) and the log-weights would be meaningless."""
+    from pyro_latdiff import LatentDiffusion
+
+    times = torch.linspace(0.0, 1.0, 6)
+    y = torch.tensor([0.4, -0.8, 1.1, 0.2])
+
+    def model(y, size=None):
+        with pyro.plate("series", 4, subsample_size=size) as index:
+            chain = LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(len(index), 1), times)
+            path = pyro.sample("path", chain)
+            pyro.sample("y", dist.Normal(path[..., -1, 0], 0.3), obs=y[index])
+
+    guide = DiffusionGuide(
+        model, create_plates=lambda y, size=None: pyro.plate("series", 4, subsample_size=size)
+    )
+    with pytest.raises(ValueError, match=r"to_inference_data.*subsampled plates \['series'\]"):
+        to_inference_data(model, guide, y, 2, num_samples=8)
+    assert to_inference_data(model, guide, y, num_samples=8).posterior["path"].shape[1] == 8
