@@ -211,6 +211,20 @@ def test_sampler_arguments_are_checked(make, name):
         make(GaussianTarget(2).log_prob)
 
 
+def test_a_new_sampler_never_takes_a_freed_one_s_name():
+    """Names came from id(self), which Python reuses once an object is freed: a new
+    sampler then read the dead one's trained parameters from the parameter store."""
+    import gc
+
+    names = set()
+    for _ in range(30):
+        sampler = FollmerSampler(GaussianTarget(2).log_prob, 2, num_steps=4, hidden_dims=(8,))
+        assert sampler.name not in names
+        names.add(sampler.name)
+        del sampler
+        gc.collect()
+
+
 def test_any_batch_shape_and_plain_functions():
     density = TargetDensity(lambda x: -0.5 * (x**2).sum(-1), 3)
     assert density(torch.zeros(4, 5, 3)).shape == (4, 5)
@@ -265,6 +279,37 @@ def test_log_ratio_off_the_support_is_a_flat_floor_below_every_finite_value():
     assert density.num_nonfinite == int(off.sum())
     finite_values = log_density(x.detach())[~off]
     assert density.floor == pytest.approx(float(finite_values.min()) - 50.0)
+
+
+def test_importance_weights_off_the_support_are_zero_whatever_was_met_before():
+    """N(0, 1) truncated to x > 1, offset by -1e5, under a plain Brownian proposal one
+    draw per chunk: a first chunk off the support set the floor at -1e4 (nothing finite
+    met yet), far above every finite value, and those draws took all the weight (log Z
+    off by 9e4). Off the support an importance weight is zero."""
+    offset = -1e5
+
+    def log_density(x):
+        value = -0.5 * x.square().sum(-1) - 0.5 * math.log(2 * math.pi) + offset
+        return torch.where(x[..., 0] > 1.0, value, torch.full_like(value, -math.inf))
+
+    exact = math.log(0.5 * math.erfc(1 / math.sqrt(2))) + offset
+    zero = lambda t, x: torch.zeros_like(x)  # noqa: E731
+    sampler = MonteCarloFollmerSampler(
+        log_density, 1, num_steps=4, drift=zero, chunk_size=1, dtype=DTYPE
+    )
+    estimate = sampler.log_normalizer(2000)
+    assert abs(estimate.log_z - exact) < TOL * estimate.stderr
+
+
+def test_log_normalizer_estimate_sums_float32_weights_in_float64():
+    """float32 log-weights near 1e5 with a spread of 0.01: summed in float32 the ESS came
+    out above n and the standard error 0."""
+    torch.manual_seed(0)
+    spread = 0.01 * torch.randn(4000, dtype=DTYPE)
+    estimate = LogNormalizerEstimate.from_log_weights((1e5 + spread).float())
+    assert estimate.ess <= 4000 and estimate.stderr > 0
+    with pytest.raises(ValueError, match="Expected `log_weights` to be a non-empty tensor"):
+        LogNormalizerEstimate.from_log_weights(torch.zeros(0))
 
 
 @pytest.mark.parametrize("margin", [0.0, -1.0, math.inf, "1"])

@@ -165,15 +165,18 @@ class TargetDensity:
         """:math:`\\log \\pi(x)`, non-finite values replaced by the floor."""
         return self.evaluate(x)[0]
 
-    def log_ratio(self, x: Tensor, scale: float) -> Tensor:
+    def log_ratio(self, x: Tensor, scale: float, floor: bool = True) -> Tensor:
         r""":math:`\log f(x) = \log \pi(x) - \log \mathcal N(x; 0, s^2 I)`, ``s =
         scale``; where :math:`\log \pi(x)` is not finite, the constant floor minus the
         reference's peak :math:`\log \mathcal N(0; 0, s^2 I)`: below every finite value
-        of :math:`\log f`, flat (zero gradient) and not growing away from a support."""
+        of :math:`\log f`, flat (zero gradient) and not growing away from a support.
+        With ``floor=False`` (importance weights), ``-inf`` there: a zero weight, whatever
+        was met before (a floor set before any finite value can sit above them)."""
         value, finite = self.evaluate(x)
         peak = -self.dim * (_HALF_LOG_TWO_PI + math.log(scale))
         log_reference = -0.5 * (x / scale).square().sum(-1) + peak
-        return torch.where(finite, value - log_reference, value - peak)
+        outside = value - peak if floor else torch.full_like(value, -math.inf)
+        return torch.where(finite, value - log_reference, outside)
 
     def value_grad_finite(
         self, x: Tensor, create_graph: bool | None = None

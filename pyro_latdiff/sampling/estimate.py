@@ -40,7 +40,15 @@ class LogNormalizerEstimate:
     @classmethod
     def from_log_weights(cls, log_weights: Tensor, num_evaluations: int = 0):
         """Summarise ``(n,)`` log-weights (non-finite ones count as zero weights)."""
-        lw = log_weights.detach().reshape(-1)
+        if not isinstance(log_weights, Tensor) or log_weights.numel() == 0:
+            actual = (
+                f"shape {tuple(log_weights.shape)}"
+                if isinstance(log_weights, Tensor)
+                else type(log_weights).__name__
+            )
+            raise ValueError(f"Expected `log_weights` to be a non-empty tensor, actual {actual}")
+        # Sums in float64: float32 weights far from 0 (a log Z of 1e5) lose the spread.
+        lw = log_weights.detach().reshape(-1).double()
         n = lw.shape[0]
         lw = torch.where(torch.isnan(lw), torch.full_like(lw, -math.inf), lw)
         log_sum = torch.logsumexp(lw, 0)

@@ -2,6 +2,7 @@ r"""A learned Föllmer sampler: a Brownian-path Pyro model, a DiffusionGuide, SV
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ __all__ = ["FollmerSampler"]
 _LOSSES = ("kl", "log_variance")
 _CONTROLS = ("target_aware", "network")
 _BASE_DRIFTS = (None, "monte_carlo")
+_SAMPLER_NUMBERS = itertools.count()
 
 
 class FollmerSampler:
@@ -193,7 +195,9 @@ class FollmerSampler:
         self.estimator = estimator
         self.loss_name = loss
         self.noise_scale = check_positive_float("noise_scale", noise_scale)
-        self.name = f"FollmerSampler_{id(self):x}" if name is None else name
+        # A fresh name per sampler in this process (an id() is reused once its object is
+        # freed, and the dead sampler's parameters stay in Pyro's parameter store).
+        self.name = f"FollmerSampler_{next(_SAMPLER_NUMBERS)}" if name is None else name
         self.guide = DiffusionGuide(
             self.model,
             hidden_dims=hidden_dims,

@@ -115,7 +115,7 @@ class MonteCarloFollmerSampler:
         for x, log_ratio in self._paths(num_samples):
             xs.append(x)
             with torch.no_grad():
-                lws.append(self.density.log_ratio(x, self.sigma) + log_ratio)
+                lws.append(self.density.log_ratio(x, self.sigma, floor=False) + log_ratio)
         return torch.cat(xs), torch.cat(lws)
 
     def log_normalizer(self, num_samples: int = 1000) -> LogNormalizerEstimate:
@@ -143,5 +143,5 @@ def gaussian_importance_sampling(
     density = TargetDensity(log_density, dim, dtype=dtype)
     x = scale * torch.randn(num_samples, dim, dtype=dtype or torch.get_default_dtype())
     with torch.no_grad():
-        log_weights = density.log_ratio(x, scale)
+        log_weights = density.log_ratio(x, scale, floor=False)
     return LogNormalizerEstimate.from_log_weights(log_weights, num_samples), x
