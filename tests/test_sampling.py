@@ -204,6 +204,19 @@ def test_fit_with_a_bad_number_of_steps_is_one_clear_error(num_steps):
         (lambda f: MonteCarloFollmerSampler(f, 2, sigma=torch.tensor(1.0)), "sigma"),
         (lambda f: MonteCarloFollmerSampler(f, 2, chunk_size=0), "chunk_size"),
         (lambda f: MonteCarloFollmerSampler(f, 2, drift="exact"), "drift"),
+        (lambda f: FollmerSampler(f, 2, estimator="foo"), "estimator"),
+        (lambda f: FollmerSampler(f, 2, clip=-1.0), "clip"),
+        (lambda f: FollmerSampler(f, 2, num_steps=3).sample(0), "num_samples"),
+        (lambda f: FollmerSampler(f, 2, num_steps=3).sample(2.5), "num_samples"),
+        (lambda f: FollmerSampler(f, 2, num_steps=3).sample_paths(4, chunk_size=0), "chunk_size"),
+        (
+            lambda f: FollmerSampler(f, 2, num_steps=3).sample(2, resample=True, pool_size=0),
+            "pool_size",
+        ),
+        (lambda f: MonteCarloFollmerSampler(f, 2, num_steps=3).sample(0), "num_samples"),
+        (lambda f: MonteCarloFollmerSampler(f, 2, num_steps=3).log_normalizer(0), "num_samples"),
+        (lambda f: gaussian_importance_sampling(f, 2, 10, scale=0.0), "scale"),
+        (lambda f: gaussian_importance_sampling(f, 2, 0), "num_samples"),
     ],
 )
 def test_sampler_arguments_are_checked(make, name):

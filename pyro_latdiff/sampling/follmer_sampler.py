@@ -21,7 +21,7 @@ from ..guide import DiffusionGuide
 from ..infer import fit, log_evidence
 from .density import TargetDensity
 from .estimate import LogNormalizerEstimate
-from .follmer_drift import MonteCarloFollmerDrift
+from .follmer_drift import _ESTIMATORS, MonteCarloFollmerDrift
 from .log_variance import LogVarianceELBO
 from .replay import ReplayBuffer
 
@@ -153,6 +153,7 @@ class FollmerSampler:
         for arg, value, allowed in (
             ("control", control, _CONTROLS),
             ("loss", loss, _LOSSES),
+            ("estimator", estimator, _ESTIMATORS),
         ):
             if value not in allowed:
                 raise ValueError(f"Expected `{arg}` in {allowed}, actual {value!r}")
@@ -193,6 +194,7 @@ class FollmerSampler:
         self.base_drift = base_drift
         self.num_inner = check_positive_int("num_inner", num_inner)
         self.estimator = estimator
+        check_positive_float("clip", clip)
         self.loss_name = loss
         self.noise_scale = check_positive_float("noise_scale", noise_scale)
         # A fresh name per sampler in this process (an id() is reused once its object is
@@ -353,6 +355,8 @@ class FollmerSampler:
     @torch.no_grad()
     def sample_paths(self, num_samples: int, chunk_size: int = 1000) -> Tensor:
         """Paths from the guide, shape ``(num_samples, num_steps, dim)``."""
+        check_positive_int("num_samples", num_samples)
+        check_positive_int("chunk_size", chunk_size)
         chunks = []
         for start in range(0, num_samples, chunk_size):
             size = min(chunk_size, num_samples - start)
@@ -371,9 +375,11 @@ class FollmerSampler:
         (default ``4 * num_samples``) are drawn and ``num_samples`` terminal states
         resampled in proportion to their importance weights, which removes the guide's
         bias as the pool grows (at the cost of repeated points)."""
+        check_positive_int("num_samples", num_samples)
         if not resample:
             return self.sample_paths(num_samples)[:, -1]
         pool_size = 4 * num_samples if pool_size is None else pool_size
+        check_positive_int("pool_size", pool_size)
         states, log_weights = self.sample_with_log_weights(pool_size)
         index = torch.multinomial(torch.softmax(log_weights, 0), num_samples, replacement=True)
         return states[index]
@@ -384,6 +390,8 @@ class FollmerSampler:
     ) -> tuple[Tensor, Tensor]:
         r"""Terminal states ``(num_samples, dim)`` and their importance log-weights
         :math:`\log p(\mathrm{path}, \mathrm{obs}) - \log q(\mathrm{path})`."""
+        check_positive_int("num_samples", num_samples)
+        check_positive_int("chunk_size", chunk_size)
         states, weights = [], []
         for start in range(0, num_samples, chunk_size):
             size = min(chunk_size, num_samples - start)

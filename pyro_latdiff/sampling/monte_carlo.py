@@ -102,6 +102,7 @@ class MonteCarloFollmerSampler:
         return x, log_ratio
 
     def _paths(self, num_samples: int):
+        check_positive_int("num_samples", num_samples)
         for start in range(0, num_samples, self.chunk_size):
             yield self._simulate(min(self.chunk_size, num_samples - start))
 
@@ -140,6 +141,8 @@ def gaussian_importance_sampling(
 
     :returns: the :class:`LogNormalizerEstimate` and the ``(num_samples, dim)`` proposals.
     """
+    check_positive_int("num_samples", num_samples)
+    check_positive_float("scale", scale)
     density = TargetDensity(log_density, dim, dtype=dtype)
     x = scale * torch.randn(num_samples, dim, dtype=dtype or torch.get_default_dtype())
     with torch.no_grad():
