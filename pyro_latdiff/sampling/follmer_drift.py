@@ -26,7 +26,7 @@ from .density import TargetDensity
 
 __all__ = ["MonteCarloFollmerDrift"]
 
-_ESTIMATORS = ("gradient", "stein")
+ESTIMATORS = ("gradient", "stein")
 _HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -109,8 +109,8 @@ class MonteCarloFollmerDrift:
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
     ):
-        if estimator not in _ESTIMATORS:
-            raise ValueError(f"Expected `estimator` in {_ESTIMATORS}, actual {estimator!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"Expected `estimator` in {ESTIMATORS}, actual {estimator!r}")
         if isinstance(num_inner, bool) or not isinstance(num_inner, int) or num_inner < 1:
             raise ValueError(f"Expected `num_inner` to be an int >= 1, actual {num_inner!r}")
         if antithetic and num_inner % 2:

@@ -21,7 +21,7 @@ from ..guide import DiffusionGuide
 from ..infer import fit, log_evidence
 from .density import TargetDensity
 from .estimate import LogNormalizerEstimate
-from .follmer_drift import _ESTIMATORS, MonteCarloFollmerDrift
+from .follmer_drift import ESTIMATORS, MonteCarloFollmerDrift
 from .log_variance import LogVarianceELBO
 from .replay import ReplayBuffer
 
@@ -153,7 +153,7 @@ class FollmerSampler:
         for arg, value, allowed in (
             ("control", control, _CONTROLS),
             ("loss", loss, _LOSSES),
-            ("estimator", estimator, _ESTIMATORS),
+            ("estimator", estimator, ESTIMATORS),
         ):
             if value not in allowed:
                 raise ValueError(f"Expected `{arg}` in {allowed}, actual {value!r}")
