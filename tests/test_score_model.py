@@ -13,6 +13,7 @@ from pyro_latdiff import fit, log_evidence
 from pyro_latdiff.infer import FitDivergedError
 from pyro_latdiff.score import (
     ContinuousTimeELBO,
+    CriticallyDampedLangevin,
     DenoisingScoreMatching,
     ForwardNoising,
     OrnsteinUhlenbeck,
@@ -176,6 +177,8 @@ def test_probability_flow_likelihood_on_variance_preserving_processes(float64, s
     assert (ll - exact).abs().max() < 1e-4
     with pytest.raises(ValueError, match=r"Expected `method` to be an adaptive"):
         ode_log_likelihood(process, q.score(process), x, method="rk4")
+    with pytest.raises(ValueError, match=r"Expected `process` to provide.*lacks drift_coef"):
+        ode_log_likelihood(CriticallyDampedLangevin(), q.score(process), x)
 
 
 def test_probability_flow_likelihood_of_points_of_another_dimension_is_one_clear_error():

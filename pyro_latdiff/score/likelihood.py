@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .._validation import check_positive_int
+from .._validation import check_positive_int, check_provides
 from .losses import divergence
 from .samplers.probability_flow import ADAPTIVE_METHODS
 
@@ -65,6 +65,8 @@ def ode_log_likelihood(
             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
         )
     check_positive_int("chunk_size", chunk_size)
+    # A scalar-coefficient process (not, e.g., CriticallyDampedLangevin's matrices).
+    check_provides("process", process, ("horizon", "drift_coef", "diffusion_coef", "prior"))
     if method not in ADAPTIVE_METHODS:  # a fixed-grid method would take one step
         raise ValueError(
             f"Expected `method` to be an adaptive torchdiffeq method {ADAPTIVE_METHODS} (the "
