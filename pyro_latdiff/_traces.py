@@ -49,6 +49,17 @@ def subsampled_plates(trace) -> list[str]:
     return sorted(names)
 
 
+def check_full_plates(caller: str, model_trace, why: str) -> None:
+    """One error if a plate of ``model_trace`` is subsampled: ``caller``'s result would
+    not describe the data (``why``)."""
+    subsampled = subsampled_plates(model_trace)
+    if subsampled:
+        raise ValueError(
+            f"{caller}: expected the model's plates to hold all their members, actual "
+            f"subsampled plates {subsampled}: {why}; call the model without subsampling"
+        )
+
+
 def plate_nesting(*traces) -> int:
     """The deepest vectorised plate dimension of the sample sites in ``traces``."""
     dims = [
@@ -62,11 +73,15 @@ def plate_nesting(*traces) -> int:
     return max(dims, default=0)
 
 
-def resolve_max_plate_nesting(model: Callable, guide: Callable, args, kwargs, given=None) -> int:
+def resolve_max_plate_nesting(
+    model: Callable, guide: Callable, args, kwargs, given=None, traces=None
+) -> int:
     """The deepest plate dimension ``model`` and ``guide`` use, found by tracing both
-    once (as :class:`~pyro.infer.ELBO` does when not told); a ``given`` value is
-    checked to be at least that deep and returned."""
-    needed = plate_nesting(*guide_and_model_traces(model, guide, args, kwargs))
+    once (as :class:`~pyro.infer.ELBO` does when not told) unless their ``traces`` are
+    given; a ``given`` value is checked to be at least that deep and returned."""
+    if traces is None:
+        traces = guide_and_model_traces(model, guide, args, kwargs)
+    needed = plate_nesting(*traces)
     if given is None:
         return needed
     return check_positive_int("max_plate_nesting", given, minimum=needed)

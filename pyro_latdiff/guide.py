@@ -31,6 +31,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import biject_to
 
+from ._traces import plate_nesting
 from ._validation import check_ordered_pair, check_positive_int, check_signature, check_widths
 from .chain import ChainParameters, Control, ControlledChain, PathDerivative, TargetGradient
 from .distribution import LatentDiffusion, latent_diffusion_of
@@ -360,16 +361,7 @@ class DiffusionGuide(AutoGuide):
         self._frames: dict[str, list] = {}
         self._coupling_checked: set[str] = set()
         self._sites_checked: set[str] = set()
-        self._model_plate_nesting = max(
-            (
-                -f.dim
-                for site in self.prototype_trace.nodes.values()
-                if site["type"] == "sample"
-                for f in site["cond_indep_stack"]
-                if f.vectorized and f.dim is not None
-            ),
-            default=0,
-        )
+        self._model_plate_nesting = plate_nesting(self.prototype_trace)
         self._model_has_params = self._find_model_params(*args, **kwargs)
         self.chains = PyroModule()
         self.locs = PyroModule()

@@ -19,7 +19,12 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._traces import guide_and_model_traces, resolve_max_plate_nesting, subsampled_plates
+from ._traces import (
+    check_full_plates,
+    guide_and_model_traces,
+    resolve_max_plate_nesting,
+    subsampled_plates,
+)
 from ._validation import check_model_and_guide, check_positive_int, chunk_size_or_default
 from ._warnings import GuideQualityWarning, LatentDiffusionWarning
 
@@ -60,15 +65,15 @@ def log_evidence(
     check_positive_int("num_samples", num_samples)
     chunk_size = chunk_size_or_default(chunk_size, num_samples)
     check_model_and_guide(model, guide, args, kwargs)
-    _, model_trace = guide_and_model_traces(model, guide, args, kwargs)
-    subsampled = subsampled_plates(model_trace)
-    if subsampled:
-        raise ValueError(
-            f"log_evidence: expected the model's plates to hold all their members, actual "
-            f"subsampled plates {subsampled}: the importance weights of a minibatch do "
-            "not estimate the evidence of the data; call the model without subsampling"
-        )
-    max_plate_nesting = resolve_max_plate_nesting(model, guide, args, kwargs, max_plate_nesting)
+    traces = guide_and_model_traces(model, guide, args, kwargs)
+    check_full_plates(
+        "log_evidence",
+        traces[1],
+        "the importance weights of a minibatch do not estimate the evidence of the data",
+    )
+    max_plate_nesting = resolve_max_plate_nesting(
+        model, guide, args, kwargs, max_plate_nesting, traces
+    )
     chunks = []
     with torch.no_grad():
         for start in range(0, num_samples, chunk_size):

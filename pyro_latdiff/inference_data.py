@@ -20,9 +20,9 @@ from torch import Tensor
 
 from ._traces import (
     SAMPLE_PLATE,
+    check_full_plates,
     guide_and_model_traces,
     resolve_max_plate_nesting,
-    subsampled_plates,
     vectorize,
 )
 from ._validation import check_model_and_guide, check_positive_int, chunk_size_or_default
@@ -203,15 +203,16 @@ def to_inference_data(
     check_positive_int("num_prior_samples", num_prior_samples, minimum=0)
     num_draws = num_samples * num_chains
     chunk_size = chunk_size_or_default(chunk_size, num_draws)
-    subsampled = subsampled_plates(guide_and_model_traces(model, guide, args, kwargs)[1])
-    if subsampled:
-        raise ValueError(
-            f"to_inference_data: expected the model's plates to hold all their members, "
-            f"actual subsampled plates {subsampled}: each chunk of draws would hold other "
-            "members (the observed data too) and the weights say nothing of the data; call "
-            "the model without subsampling"
-        )
-    max_plate_nesting = resolve_max_plate_nesting(model, guide, args, kwargs, max_plate_nesting)
+    traces = guide_and_model_traces(model, guide, args, kwargs)
+    check_full_plates(
+        "to_inference_data",
+        traces[1],
+        "each chunk of draws would hold other members (the observed data too) and the "
+        "weights say nothing of the data",
+    )
+    max_plate_nesting = resolve_max_plate_nesting(
+        model, guide, args, kwargs, max_plate_nesting, traces
+    )
     layout = _Layout(max_plate_nesting)
     groups: dict[str, dict[str, list]] = {
         name: {}
