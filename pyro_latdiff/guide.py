@@ -20,17 +20,24 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
-from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import get_plates
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import biject_to
 
+from ._model_checks import (
+    check_enclosing_plates,
+    check_noise_columns,
+    check_path_batch_rank,
+    check_path_event_shape,
+    check_site_batch_ranks,
+    enclosing_plates,
+    plates_batch_shape,
+)
+from ._observations import ReferencePaths, observation_log_likelihood, shared_plate_values
 from ._traces import plate_nesting
 from ._validation import check_ordered_pair, check_positive_int, check_signature, check_widths
 from .chain import ChainParameters, Control, ControlledChain, PathDerivative, TargetGradient
@@ -41,109 +48,6 @@ __all__ = ["DiffusionGuide"]
 
 # Guides alive in this process, by parameter-name prefix (see DiffusionGuide's `name`).
 _LIVE_GUIDES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-class _ReferencePaths(Messenger):
-    """Sets each path site to a reference path (no simulation), by default the
-    constant initial state, as a leaf tensor, so the observation log-likelihood can be
-    differentiated with respect to every state."""
-
-    def __init__(self, names: set[str], batch_shape: torch.Size, references: dict):
-        super().__init__()
-        self.names = names
-        self.batch_shape = batch_shape
-        self.references = references
-        self.paths: dict[str, Tensor] = {}
-        self.fns: dict[str, LatentDiffusion] = {}
-
-    def _pyro_sample(self, msg):
-        if msg["name"] not in self.names:
-            return
-        fn = latent_diffusion_of(msg["fn"])
-        batch = torch.broadcast_shapes(msg["fn"].batch_shape, self.batch_shape)
-        reference = self.references.get(msg["name"])
-        if reference is None:
-            reference = fn.x0.detach().unsqueeze(-2)
-        path = reference.detach().expand(batch + fn.event_shape).clone().requires_grad_()
-        self.paths[msg["name"]] = path
-        self.fns[msg["name"]] = fn
-        msg["value"] = path
-        msg["is_observed"] = True
-
-
-def _batch_rank_excess(frames, shape: torch.Size) -> tuple[int, torch.Size | None]:
-    """The number of batch dimensions the vectorised ``frames`` allow, and ``shape`` if
-    it has a non-singleton dimension left of them (else None)."""
-    allowed = max((-f.dim for f in frames), default=0)
-    extra = shape[: max(0, len(shape) - allowed)]
-    return allowed, (shape if any(size > 1 for size in extra) else None)
-
-
-def _outer_batch_shape() -> torch.Size:
-    """Batch shape implied by the plates enclosing the guide (e.g. vectorised particles)."""
-    shape: list[int] = []
-    for frame in get_plates():
-        if frame.vectorized and frame.dim is not None:
-            shape = [1] * max(0, -frame.dim - len(shape)) + shape
-            shape[frame.dim] = frame.size
-    return torch.Size(shape)
-
-
-def _auto_context(path_site: dict, trace, path_names: set[str]) -> list[Tensor]:
-    """The values of the other sites that share the path's plates: observations and the
-    guide's values of the other latents, one ``batch + (features,)`` tensor per site.
-
-    A site shares the path's plates if its plates contain them (e.g. the observations
-    of each path) or are contained in them (e.g. a global parameter). Dimensions of
-    plates the path is not in (several observations per path) are folded into the
-    features, leaving a singleton in their place.
-    """
-    path_frames = {f.name for f in path_site["cond_indep_stack"] if f.vectorized}
-    pieces = []
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or name in path_names or site_is_subsample(site):
-            continue
-        if site["infer"].get("_deterministic"):  # a function of the others, no data
-            continue
-        frames = [f for f in site["cond_indep_stack"] if f.vectorized]
-        names = {f.name for f in frames}
-        if not (path_frames <= names or names <= path_frames):
-            continue
-        value = site["value"]
-        if not isinstance(value, Tensor):
-            raise ValueError(
-                f"Expected the value of site '{name}' to be a torch.Tensor, actual "
-                f"{type(value).__name__} (convert observations with torch.as_tensor)"
-            )
-        event_dim = site["fn"].event_dim
-        value = value.reshape(value.shape[: value.dim() - event_dim] + (-1,))
-        for frame in frames:
-            if frame.name in path_frames or -frame.dim >= value.dim():
-                continue
-            value = value.movedim(frame.dim - 1, -1)
-            value = value.reshape(value.shape[:-2] + (-1,)).unsqueeze(frame.dim - 1)
-        pieces.append(value)
-    return pieces
-
-
-def _observation_log_likelihood(trace, path_names: set[str]):
-    """The log-likelihood of the observed sites (and of the guide's values of the other
-    latents), without the minibatch scale of subsampled plates: each path's guided
-    kernel needs its own observations' likelihood, not the scaled-up estimator's.
-    Masks and any other ``poutine.scale`` are kept."""
-    total = 0.0
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or not site["is_observed"] or name in path_names:
-            continue
-        if site_is_subsample(site) or site["infer"].get("_deterministic"):
-            continue
-        minibatch = 1.0
-        for frame in site["cond_indep_stack"]:
-            if frame.full_size is not None and frame.full_size != frame.size:
-                minibatch *= frame.full_size / frame.size
-        log_prob = site["fn"].log_prob(site["value"])
-        total = total + scale_and_mask(log_prob, site["scale"] / minibatch, site["mask"]).sum()
-    return total
 
 
 def _detached_net(net):
@@ -369,14 +273,7 @@ class DiffusionGuide(AutoGuide):
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             self._frames[name] = [f for f in site["cond_indep_stack"] if f.vectorized]
             if latent_diffusion_of(site["fn"]) is not None:
-                if site["fn"].event_dim != 2:
-                    raise ValueError(
-                        f"Expected path site '{name}' to have the event shape (num_steps, "
-                        f"state_dim) of a LatentDiffusion, actual event shape "
-                        f"{tuple(site['fn'].event_shape)}: put series in a pyro.plate, not "
-                        "in .to_event(...) (the guide draws each path given its own "
-                        "observations)"
-                    )
+                check_path_event_shape(name, site["fn"])
                 self._path_sites.append(name)
             elif site["fn"].support.is_discrete:
                 raise ValueError(
@@ -452,7 +349,7 @@ class DiffusionGuide(AutoGuide):
         if callable(self.context):
             pieces = [self.context(*args, **kwargs)]
         else:
-            pieces = _auto_context(trace.nodes[name], trace, set(self._path_sites))
+            pieces = shared_plate_values(trace.nodes[name], trace, set(self._path_sites))
         if not pieces:
             return None
         pieces = [p.to(like.dtype) for p in pieces]
@@ -480,16 +377,17 @@ class DiffusionGuide(AutoGuide):
             return make(loc, log_scale)
         return PathDerivative(make(loc, log_scale), make(loc.detach(), log_scale.detach()))
 
-    def _prepass(self, site: str, values: dict, args, kwargs, subsamples: dict | None = None):
+    def _prepass(self, site: str, values: dict, enclosing, args, kwargs, subsamples: dict):
         """Run the model with the guide's values so far (other latents, earlier paths)
         and reference paths for the paths not yet drawn, without simulating: gives the
         path site's prior (with the guide's upstream values), its context, and the
-        guided kernel of its observations."""
+        guided kernel of its observations. ``enclosing`` are the vectorised plates
+        around the guide."""
         # The kernel is differentiated only where gradients can flow: to the guide's
         # upstream values (globals, earlier paths) or to the model's parameters.
         upstream = any(isinstance(v, Tensor) and v.requires_grad for v in values.values())
         graph = torch.is_grad_enabled() and (upstream or self._model_has_params)
-        passes = (site, values, graph, args, kwargs, subsamples or {})
+        passes = (site, values, enclosing, graph, args, kwargs, subsamples)
         trace, prior, kernel = self._reference_pass(None, *passes)
         for _ in range(self.relinearise if kernel is not None else 0):
             with torch.no_grad():
@@ -499,47 +397,42 @@ class DiffusionGuide(AutoGuide):
             trace, prior, kernel = self._reference_pass(mean, *passes)
         return trace, prior, kernel
 
-    def _reference_pass(self, reference, site, values, create_graph, args, kwargs, subsamples):
+    def _reference_pass(
+        self, reference, site, values, enclosing, create_graph, args, kwargs, subsamples
+    ):
         remaining = set(self._path_sites) - set(values)
+        path_names = set(self._path_sites)
         # Without the guide's values of other latents the observations' terms are the
         # same for every draw: the reference paths (and so the filter) leave out the
         # batch of the enclosing plates (e.g. vectorised particles), which the chain
         # broadcasts to.
-        outer = _outer_batch_shape()
+        outer = plates_batch_shape(enclosing)
         model = poutine.condition(self._unwrapped_model[0], data={**subsamples, **values})
         check_ranks = site not in self._sites_checked and len(outer) > 0
         if check_ranks and not values:
             # Once per site under such plates, a pass that keeps their batch checks the
             # batch ranks of the sites that depend on the path.
-            probe = _ReferencePaths(remaining, outer, {site: reference})
+            probe = ReferencePaths(remaining, outer, {site: reference})
             with poutine.block(), torch.no_grad():
                 probe_trace = poutine.trace(probe(model)).get_trace(*args, **kwargs)
-            self._check_site_batch_ranks(probe_trace)  # outside block: it reads the plates
+            check_site_batch_ranks(probe_trace, path_names, enclosing)
             self._sites_checked.add(site)
             check_ranks = False
-        paths = _ReferencePaths(remaining, outer if values else torch.Size(), {site: reference})
+        paths = ReferencePaths(remaining, outer if values else torch.Size(), {site: reference})
         with poutine.block(), torch.enable_grad():
             trace = poutine.trace(paths(model)).get_trace(*args, **kwargs)
-        self._check_batch_rank(site, trace.nodes[site]["fn"])
+        check_path_batch_rank(site, trace.nodes[site]["fn"], self._frames[site] + enclosing)
         if check_ranks:
-            self._check_site_batch_ranks(trace)
+            check_site_batch_ranks(trace, path_names, enclosing)
             self._sites_checked.add(site)
         prior = paths.fns[site]
-        if prior.noise_type == "general" and prior.noise_dim < prior.event_shape[-1]:
-            raise ValueError(
-                f"Expected the diffusion of site '{site}' to have at least state_dim = "
-                f"{prior.event_shape[-1]} noise columns with general noise, actual "
-                f"(..., {prior.event_shape[-1]}, {prior.noise_dim}): the Euler chain's noise "
-                "covariance is singular, so neither the model's log_prob nor a guide's "
-                "density exists; give every coordinate noise of its own (e.g. append small "
-                "independent columns to the diffusion matrix)"
-            )
+        check_noise_columns(site, prior)
         with torch.enable_grad():
             if not self.bridge:
                 return trace, prior, None
             # Observations and the guide's values of other latents; not the paths
             # (earlier ones do not depend on this one, later ones are references).
-            log_lik = _observation_log_likelihood(trace, set(self._path_sites))
+            log_lik = observation_log_likelihood(trace, path_names)
             check = site not in self._coupling_checked
             terms = observation_terms(log_lik, paths.paths[site], create_graph, check)
             self._coupling_checked.add(site)
@@ -549,49 +442,6 @@ class DiffusionGuide(AutoGuide):
                 prior, paths.paths[site], terms, create_graph, self._block_size(prior)
             )
         return trace, prior, kernel
-
-    def _check_site_batch_ranks(self, trace) -> None:
-        """The same check for the model's other sample sites (the observations above
-        all): a site whose batch shape has a dimension left of its plates (and the
-        plates around the guide) is, under vectorised particles, a silent cross product
-        (an observation of a path at several times in a plate of its own, indexed as
-        ``path[..., times, 0]``, weighs the likelihood by the number of particles)."""
-        outer = [f for f in get_plates() if f.vectorized and f.dim]
-        paths = set(self._path_sites)
-        for name, node in trace.nodes.items():
-            if node["type"] != "sample" or name in paths or site_is_subsample(node):
-                continue
-            frames = [f for f in node["cond_indep_stack"] if f.vectorized and f.dim] + outer
-            allowed, shape = _batch_rank_excess(frames, node["fn"].batch_shape)
-            if shape is not None:
-                raise ValueError(
-                    f"Expected site '{name}' to have a batch shape of at most {allowed} "
-                    f"dimensions (its plates {[f.name for f in frames]} at dims "
-                    f"{[f.dim for f in frames]}), actual batch shape {tuple(shape)}: a value "
-                    "computed from a path keeps the path's batch dimensions on its left, so "
-                    "a plate over the path's times or coordinates (e.g. "
-                    "dist.Normal(path[..., times, 0], s) in a plate of observations) makes "
-                    "Pyro's ELBO a cross product over the particles; observe them as one "
-                    "event instead: dist.Normal(path[..., times, 0], s).to_event(1)"
-                )
-
-    def _check_batch_rank(self, site: str, fn) -> None:
-        """A path whose batch shape has more dimensions than its plates (and the plates
-        around the guide, e.g. vectorised particles) is a silent cross product under
-        Pyro's ELBOs: the ELBO is wrong and memory grows with the square of the particle
-        count. Raise instead."""
-        frames = self._frames[site] + [f for f in get_plates() if f.vectorized and f.dim]
-        # (called outside poutine.block, which hides the enclosing plates)
-        allowed, shape = _batch_rank_excess(frames, fn.batch_shape)
-        if shape is not None:
-            raise ValueError(
-                f"Expected site '{site}' to have a batch shape of at most {allowed} dimensions "
-                f"(its plates {[f.name for f in frames]} at dims {[f.dim for f in frames]}), "
-                f"actual batch shape {tuple(shape)}: its drift or diffusion broadcasts a "
-                "parameter into extra dimensions (e.g. theta[..., None, None] * x for a "
-                "global theta), which makes Pyro's ELBO a cross product; index parameters "
-                "so that they broadcast from the right (e.g. theta.unsqueeze(-1) * x)"
-            )
 
     def _chain_terms(self, parameters: ChainParameters) -> tuple[nn.Module, list[Tensor]]:
         """The network and the per-step tables of one path site's chain, each read from
@@ -654,7 +504,8 @@ class DiffusionGuide(AutoGuide):
     def forward(self, *args, **kwargs) -> dict[str, Tensor]:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        self._check_enclosing_plates()
+        enclosing = enclosing_plates()
+        check_enclosing_plates(enclosing, self._model_plate_nesting)
         plates = self._create_plates(*args, **kwargs)
         # The model's subsampled plates, run inside the guide, take the guide's indices
         # (as Pyro's ELBOs replay them), so each path is guided by its own observations.
@@ -670,32 +521,13 @@ class DiffusionGuide(AutoGuide):
             with self._plate_stack(name, plates):
                 values[name] = pyro.sample(name, self._normal_distribution(name))
         for name in self._path_sites:  # in model order: a later path may start from an earlier
-            trace, prior, kernel = self._prepass(name, values, args, kwargs, subsamples)
+            trace, prior, kernel = self._prepass(name, values, enclosing, args, kwargs, subsamples)
             fn, chain = self._path_distribution(name, trace, prior, kernel, args, kwargs)
             with self._plate_stack(name, plates):
                 values[name] = pyro.sample(name, fn)
             if self.state_bounds is not None:
                 self.num_clamped += int(chain.num_clamped)
         return values
-
-    def _check_enclosing_plates(self) -> None:
-        """A vectorised plate around the guide (draws, particles) at a dim the model's
-        own plates use would collide with them when the guide runs the model (or give
-        the observations' context a wrong shape). Pyro's ``Predictive(parallel=True)``
-        places its plate from the guide's trace alone, which does not show plates that
-        are around observations only."""
-        nesting = self._model_plate_nesting
-        for frame in get_plates():
-            if frame.vectorized and frame.dim is not None and -frame.dim <= nesting:
-                raise ValueError(
-                    f"DiffusionGuide: expected the enclosing plate '{frame.name}' at a dim "
-                    f"left of the model's plates (down to dim -{nesting}), actual dim "
-                    f"{frame.dim}. Predictive(parallel=True) guesses the plate nesting from "
-                    "the guide's trace, which does not show plates around observations "
-                    "only: draw with Predictive(..., parallel=False), with "
-                    "pyro_latdiff.to_inference_data, or inside pyro.plate(..., "
-                    f"dim={-(nesting + 1)})"
-                )
 
     def fit_counters(self) -> dict[str, int]:
         """Running counts that :func:`~pyro_latdiff.fit` shows and reports: the

@@ -61,7 +61,7 @@ LAYERS = [
     {"_traces"},
     {"sde", "unbiased"},
     {"distribution"},
-    {"drift", "filter", "testing"},
+    {"drift", "filter", "testing", "_model_checks", "_observations"},
     {"chain"},
     {"guide"},
     {"infer"},

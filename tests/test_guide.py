@@ -9,6 +9,7 @@ from pyro.infer import Predictive, Trace_ELBO
 from pyro.infer.importance import vectorized_importance_weights
 
 from pyro_latdiff import DiffusionGuide, LatentDiffusion, fit, log_evidence
+from pyro_latdiff._model_checks import enclosing_plates
 from pyro_latdiff.testing import LinearSDE, SharedRateOU, ou_problem
 
 DTYPE = torch.float64
@@ -500,7 +501,8 @@ def test_the_filter_is_per_draw_only_when_the_guide_draws_other_latents(with_glo
     guide(y)
     with pyro.plate("particles", 8, dim=-2):
         values = {"rate": guide._normal_distribution("rate")()} if with_global else {}
-        _, _, kernel = guide._prepass("path", values, (y,), {})
+        enclosing = enclosing_plates()
+        _, _, kernel = guide._prepass("path", values, enclosing, (y,), {}, {})
     assert kernel.batch_shape == ((8, 3) if with_global else (3,))
 
 
