@@ -290,6 +290,10 @@ def test_log_ratio_off_the_support_is_a_flat_floor_below_every_finite_value():
     (grad,) = torch.autograd.grad(log_f.sum(), x)
     assert torch.equal(grad[off], torch.zeros_like(grad[off]))
     assert density.num_nonfinite == int(off.sum())
+    # The value and its gradient in one pass (the Monte Carlo Föllmer drift's form).
+    fused, fused_grad = density.log_ratio_and_grad(x.detach(), scale=1.5)
+    assert torch.allclose(fused, log_f.detach())
+    assert torch.allclose(fused_grad, grad)
     finite_values = log_density(x.detach())[~off]
     assert density.floor == pytest.approx(float(finite_values.min()) - 50.0)
 

@@ -173,10 +173,24 @@ class TargetDensity:
         With ``floor=False`` (importance weights), ``-inf`` there: a zero weight, whatever
         was met before (a floor set before any finite value can sit above them)."""
         value, finite = self.evaluate(x)
+        return self._log_ratio(x, value, finite, scale, floor)
+
+    def _log_ratio(self, x: Tensor, value: Tensor, finite: Tensor, scale: float, floor: bool):
         peak = -self.dim * (_HALF_LOG_TWO_PI + math.log(scale))
         log_reference = -0.5 * (x / scale).square().sum(-1) + peak
         outside = value - peak if floor else torch.full_like(value, -math.inf)
         return torch.where(finite, value - log_reference, outside)
+
+    def log_ratio_and_grad(
+        self, x: Tensor, scale: float, create_graph: bool | None = None
+    ) -> tuple[Tensor, Tensor]:
+        r""":meth:`log_ratio` (with its floor) and its gradient in ``x``, zero where
+        :math:`\log \pi(x)` or its gradient is not finite (see :meth:`value_and_grad`
+        for ``create_graph``)."""
+        value, grad, finite = self.value_grad_finite(x, create_graph)
+        log_ratio = self._log_ratio(x, value, finite, scale, floor=True)
+        grad = torch.where(finite.unsqueeze(-1), grad + x / scale**2, torch.zeros_like(grad))
+        return log_ratio, grad
 
     def value_grad_finite(
         self, x: Tensor, create_graph: bool | None = None

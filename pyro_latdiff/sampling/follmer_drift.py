@@ -165,12 +165,8 @@ class MonteCarloFollmerDrift:
         y = x.unsqueeze(-2) + scale * z  # batch + (K, D)
         sigma_sq = self.sigma**2
         if self.estimator == "gradient":
-            log_pi, grad_pi, finite = self.density.value_grad_finite(y)
-            # log f, flat at its floor where log pi is not finite (the reference's
-            # constant term cancels in the softmax), with zero gradient there.
-            log_f = torch.where(finite, log_pi + 0.5 * y.square().sum(-1) / sigma_sq, log_pi)
+            log_f, grad_log_f = self.density.log_ratio_and_grad(y, self.sigma)
             weights = torch.softmax(log_f, -1)
-            grad_log_f = torch.where(finite.unsqueeze(-1), grad_pi + y / sigma_sq, 0.0)
             return sigma_sq * (weights.unsqueeze(-1) * grad_log_f).sum(-2)
         weights = torch.softmax(self.log_f(y), -1)
         return (weights.unsqueeze(-1) * z).sum(-2) * (self.sigma / remaining.squeeze(-1))
