@@ -184,8 +184,20 @@ def test_probability_flow_likelihood_on_variance_preserving_processes(float64, s
 def test_probability_flow_likelihood_of_points_of_another_dimension_is_one_clear_error():
     process = OrnsteinUhlenbeck(horizon=3.0)
     score = GaussianMixture.gaussian(torch.zeros(3), 0.5).score(process)
-    with pytest.raises(ValueError, match=r"Expected `score\(t, x\)` to return shape \(1, 2\)"):
+    with pytest.raises(ValueError, match=r"Expected `score\(t, x\)` to take x of shape \(1, 2\)"):
         ode_log_likelihood(process, score, torch.zeros(5, 2))
+    with pytest.raises(ValueError, match=r"Expected `score\(t, x\)` to return shape \(1, 2\)"):
+        ode_log_likelihood(process, lambda t, x: x[..., :1], torch.zeros(5, 2))
+    # Every call is checked, not only the first: a score whose shape changes later
+    # (here after the first call) would broadcast silently into the velocity.
+    calls = []
+
+    def later_wrong(t, x):
+        calls.append(1)
+        return -x if len(calls) == 1 else -x[..., :1]
+
+    with pytest.raises(ValueError, match=r"Expected `score\(t, x\)` to return shape"):
+        ode_log_likelihood(process, later_wrong, torch.zeros(5, 2))
 
 
 # ---------------------------------------------------------------- training and evaluation

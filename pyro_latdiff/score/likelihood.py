@@ -30,6 +30,7 @@ from torchdiffeq import odeint
 
 from .._validation import check_positive_int, check_provides
 from .losses import divergence
+from .samplers._common import CountedCall
 from .samplers.probability_flow import ADAPTIVE_METHODS
 
 __all__ = ["bits_per_dim", "ode_log_likelihood"]
@@ -76,19 +77,9 @@ def ode_log_likelihood(
     if not 0 <= truncation < horizon:
         raise ValueError(f"Expected `truncation` in [0, {horizon}), actual {truncation!r}")
     d = x.shape[-1]
-    if not callable(score):
-        raise ValueError(f"Expected `score` to be callable, actual {type(score).__name__}")
-    # One call at the horizon, so that a score of another state dimension is one error.
-    expected = f"Expected `score(t, x)` to return shape {tuple(x[:1].shape)} for x of shape "
-    expected += f"{tuple(x[:1].shape)} (the state dimension of `x` is {d}), actual"
-    try:
-        with torch.no_grad():
-            probe_out = score(torch.tensor(horizon, dtype=x.dtype, device=x.device), x[:1])
-    except (RuntimeError, IndexError) as error:
-        raise ValueError(f"{expected} it fails: {error}") from None
-    if not isinstance(probe_out, Tensor) or probe_out.shape != x[:1].shape:
-        actual = tuple(probe_out.shape) if isinstance(probe_out, Tensor) else type(probe_out)
-        raise ValueError(f"{expected} {actual}")
+    score = CountedCall(score, "score")  # every call's shape checked
+    with torch.no_grad():  # the first call fails clearly on another state dimension
+        score.checked(torch.tensor(horizon, dtype=x.dtype, device=x.device), x[:1])
     exact = d <= 16 if exact_divergence is None else bool(exact_divergence)
     times = torch.tensor([truncation, horizon], dtype=x.dtype, device=x.device)
     out = []

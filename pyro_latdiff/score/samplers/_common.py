@@ -153,8 +153,15 @@ class CountedCall:
         return out
 
     def checked(self, t: Tensor, x: Tensor) -> Tensor:
-        """The first call: also, the output must be finite."""
-        out = self(t, x)
+        """The first call: also, the call must not fail (a network built for another
+        state dimension fails inside) and the output must be finite."""
+        try:
+            out = self(t, x)
+        except (RuntimeError, IndexError) as error:
+            raise ValueError(
+                f"Expected `{self.name}(t, x)` to take x of shape {shape_of(x)} (the state "
+                f"dimension is {x.shape[-1]}), actual it fails: {error}"
+            ) from None
         if not torch.isfinite(out).all():
             raise ValueError(
                 f"Expected `{self.name}(t, x)` to be finite, actual NaN or inf at t = {float(t)}"
