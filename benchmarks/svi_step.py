@@ -108,8 +108,8 @@ def hand_step(times, y):
         step_net = net.on_grid(times[:-1], ctx)  # time and context parts once per step
         x = torch.zeros(NUM_PARTICLES, *y.shape)
         states = [x]
-        for k, index in enumerate(torch.arange(num_steps)):
-            u, s = coefficients(x, step_net(index, x), gain[k], shift[k], scale[k], tables[k], h[k])
+        for k in range(num_steps):
+            u, s = coefficients(x, step_net(k, x), gain[k], shift[k], scale[k], tables[k], h[k])
             x = x + u * h[k] + s * h[k].sqrt() * torch.randn_like(x)
             states.append(x)
         path = torch.stack(states)  # (N + 1, P, B, D)

@@ -29,8 +29,10 @@ With ``S`` diagonal (shaped like ``x``) the shift is ``S * c``; with a matrix ``
 Everything learned starts at zero, so an untrained guide is the base kernel.
 
 Every term is evaluated **by step index**: :meth:`ControlledChain.step` ``(k, x)``
-for simulation (``k`` a 0-d int64 tensor; the torchsde adapter of
-:mod:`pyro_latdiff.sde` calls it once per Euler step through ``f_and_g_prod``) and
+for simulation (``k`` the step index, an ``int``; the torchsde adapter of
+:mod:`pyro_latdiff.sde` calls it once per Euler step through ``f_and_g_prod``, on the
+chain's :meth:`~ControlledChain.window` for the solve, which splits the rows of its
+per-step tables off once) and
 :meth:`ControlledChain.path_coefficients` for all steps at once in ``log_prob``. No
 identity caches, no lookups of a step by float time, no host synchronisation in the
 loop. A new term of ``c`` is a callable pair ``(step(k, x), path(t, previous))``
@@ -51,7 +53,6 @@ from torch import Tensor
 from .distribution import ALL_STEPS, EulerChain, LatentDiffusion
 from .drift import NeuralDrift
 from .filter import GuidedKernel
-from .sde import at_step
 
 __all__ = ["ChainParameters", "Control", "ControlledChain", "PathDerivative", "TargetGradient"]
 
@@ -158,35 +159,42 @@ class Control:
         self.context = context
         self.target = target
         self._times = times[:-1]
-        tables = [linear_gain, offset, log_scale] + ([] if target is None else [target_gain])
-        self._tables = torch.stack(tables, dim=1)  # one lookup per step: (N, terms, D)
-        self._steps = ALL_STEPS  # the steps `step` is asked for (one block, or all)
-        self._step_net = None
+        self._tables = [linear_gain, offset, log_scale] + ([] if target is None else [target_gain])
+        #: the steps of the solve this is the window of (see :meth:`window`), or None
+        self._steps: slice | None = None
+        self._step_fn = None
 
-    def _on_grid(self, steps: slice):
-        """The network by step index on the steps ``steps``, with the per-step tables
-        looked up in the same index."""
-        tables = self._tables[steps].unbind(1)
-        return self.net.on_grid(self._times[steps], self.context, tables)
+    def _stepper(self, steps: slice):
+        """``step(k, x) -> (network output, [table[k], ...])`` for the steps ``steps``,
+        the rows of the time inputs and tables split off once."""
+        first = steps.start or 0
+        tables = [table[steps] for table in self._tables]
+        if isinstance(self.net, NeuralDrift):
+            on_grid = self.net.on_grid(self._times[steps], self.context, tables)
+            return lambda k, x: on_grid(k - first, x)
+        times = self._times[steps].unbind(0)
+        rows = [table.unbind(0) for table in tables]
+
+        def step(k: int, x: Tensor):
+            i = k - first
+            return self.net(times[i], x, self.context), [row[i] for row in rows]
+
+        return step
 
     def window(self, steps: slice) -> Control:
-        """The same control, with what :meth:`step` precomputes made for the steps
-        ``steps`` only (one checkpointed block)."""
+        """The same control, for the steps ``steps`` of one solve (or scored block):
+        :meth:`step` splits their rows off at its first call."""
         new = copy.copy(self)
-        new._steps, new._step_net = steps, None
+        new._steps, new._step_fn = steps, None
         return new
 
-    def step(self, k: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self._step_net is None and isinstance(self.net, NeuralDrift):
-            # Made at the first step (a chain that is only scored never needs it): the
-            # time and context inputs of the network once for the steps.
-            self._step_net = self._on_grid(self._steps)
-        if self._step_net is not None:
-            first = self._steps.start
-            out, tables = self._step_net(k - first if first else k, x)
+    def step(self, k: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self._steps is None:  # not the window of a solve: this step on its own
+            out, tables = self._stepper(slice(k, k + 1))(k, x)
         else:
-            out = self.net(at_step(self._times, k), x, self.context)
-            tables = at_step(self._tables, k).unbind(0)
+            if self._step_fn is None:  # at the first step (a scored chain never needs it)
+                self._step_fn = self._stepper(self._steps)
+            out, tables = self._step_fn(k, x)
         control, log_scale = out.chunk(2, dim=-1)
         linear_gain, offset, step_log_scale, *target_gain = tables
         control = control + linear_gain * x + offset
@@ -200,7 +208,7 @@ class Control:
         shape = (-1,) + (1,) * (previous.dim() - 2) + previous.shape[-1:]
         control, log_scale = self.net(t, previous, self.context).chunk(2, dim=-1)
         linear_gain, offset, step_log_scale, *target_gain = (
-            table.reshape(shape) for table in self._tables[steps].unbind(1)
+            table[steps].reshape(shape) for table in self._tables
         )
         control = control + linear_gain * previous + offset
         if self.target is not None:
@@ -277,7 +285,7 @@ class ControlledChain(EulerChain):
             shift = (scale @ (scale.transpose(-1, -2) @ control.unsqueeze(-1))).squeeze(-1)
         return drift + shift, log_scale.exp().unsqueeze(-1) * scale
 
-    def step(self, k: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    def step(self, k: int, x: Tensor) -> tuple[Tensor, Tensor]:
         inside = self._clamp(x)
         drift, scale = self.prior.step(k, inside)
         if self.kernel is not None:

@@ -18,7 +18,7 @@ from ._validation import (
     shape_of,
 )
 from .checkpoint import checkpoint_block
-from .sde import NOISE_TYPES, Diffusion, at_step, constant_diffusion, simulate, transition_log_prob
+from .sde import NOISE_TYPES, Diffusion, constant_diffusion, simulate, transition_log_prob
 
 __all__ = ["ALL_STEPS", "EulerChain", "LatentDiffusion", "latent_diffusion_of"]
 
@@ -37,8 +37,8 @@ class EulerChain(TorchDistribution):
     r"""A Markov chain of Gaussian Euler transitions on a grid, as one distribution.
 
     Subclasses give the coefficients of step ``k`` in two forms that must agree:
-    :meth:`step` ``(k, x)`` for simulation (``k`` a 0-d int64 tensor, ``x`` of shape
-    ``sample_shape + batch_shape + (D,)``) and :meth:`path_coefficients` for all steps
+    :meth:`step` ``(k, x)`` for simulation (``k`` the step index, an ``int``, ``x`` of
+    shape ``sample_shape + batch_shape + (D,)``) and :meth:`path_coefficients` for all steps
     at once (time axis leftmost). Both return ``(drift, scale)`` with
     ``x_{k+1} = x_k + drift h_k + scale sqrt(h_k) xi_k``; ``scale`` is shaped like
     ``x`` (diagonal noise) or ``(..., D, M)`` (general noise). This base class writes
@@ -78,7 +78,7 @@ class EulerChain(TorchDistribution):
         """State dimension ``D``."""
         return self.event_shape[1]
 
-    def step(self, k: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    def step(self, k: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(drift, scale)`` of step ``k`` at states ``x``."""
         raise NotImplementedError
 
@@ -155,8 +155,10 @@ class EulerChain(TorchDistribution):
 
     def window(self, steps: slice) -> EulerChain:
         """The chain to use for the steps ``steps`` (a ``slice`` of the grid's) of one
-        block: ``self``, unless the chain precomputes per-step tables, which it then
-        makes for those steps only (see :attr:`block_size`)."""
+        solve or scored block: ``self``, unless the chain precomputes per-step tables,
+        which it then makes for those steps only (see :attr:`block_size`); the copy's
+        :meth:`step` may keep rows of its tables for the solve (it is made inside the
+        solve, with the solve's gradient mode)."""
         return self
 
     def _log_prob_of_steps(self, value, previous, t, steps, window: slice) -> Tensor:
@@ -274,8 +276,8 @@ class LatentDiffusion(EulerChain):
         self.block_size = block_size
         self._init_chain(batch_shape, validate_args)
 
-    def step(self, k: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        t = at_step(self.times, k)
+    def step(self, k: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        t = self.times[k]
         return self.drift(t, x), self._diffusion_fn(t, x)
 
     def path_coefficients(

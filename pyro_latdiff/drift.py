@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import check_ordered_pair, check_positive_int, check_widths
-from .sde import at_step
 
 __all__ = ["NeuralDrift"]
 
@@ -109,17 +108,16 @@ class NeuralDrift(nn.Module):
 
     def on_grid(
         self, times: Tensor, context: Tensor | None = None, tables: Sequence[Tensor] = ()
-    ) -> Callable[[Tensor, Tensor], Tensor | tuple[Tensor, list[Tensor]]]:
+    ) -> Callable[[int, Tensor], Tensor | tuple[Tensor, list[Tensor]]]:
         """``c(times[k], x, context)`` as ``step(k, x)``, for one simulation on a grid.
 
         The time and context parts of the first layer are computed once for the whole
-        grid instead of at every Euler step; ``step(k, x)``, with ``k`` a 0-d int64
-        tensor (the step index, found without a host synchronisation), equals
-        ``self(times[k], x, context)``.
+        grid instead of at every Euler step, and split into rows once; ``step(k, x)``,
+        with ``k`` the step index (an ``int``), equals ``self(times[k], x, context)``.
 
         :param tables: per-step tables ``(N, width)`` of the caller (e.g. per-step
-            terms added to the network's output), looked up with the network's own time
-            rows in one index; then ``step(k, x)`` returns ``(output, [table[k], ...])``.
+            terms added to the network's output), split into rows with the network's
+            own; then ``step(k, x)`` returns ``(output, [table[k], ...])``.
         """
         if self.context_dim and context is None:
             raise ValueError(f"Expected `context` of shape (..., {self.context_dim}), actual None")
@@ -127,17 +125,15 @@ class NeuralDrift(nn.Module):
         rows = bias.expand(times.shape + bias.shape)  # the bias of the first layer, per step
         if self.input_time is not None:
             rows = rows + self.input_time(self.time_features(times.to(bias.dtype)))
-        widths = [rows.shape[-1]] + [table.shape[-1] for table in tables]
-        packed = torch.cat([rows, *tables], dim=-1) if tables else rows
+        rows = rows.unbind(0)
+        table_rows = [table.unbind(0) for table in tables]
         shift = None if not self.context_dim else self.input_context(context)
 
-        def step(k: Tensor, x: Tensor):
-            row = at_step(packed, k)
-            first, *found = row.split(widths, dim=-1) if tables else (row,)
-            hidden = nn.functional.linear(x, weight, first)
+        def step(k: int, x: Tensor):
+            hidden = nn.functional.linear(x, weight, rows[k])
             if shift is not None:
                 hidden = hidden + shift
             out = self.hidden(hidden)
-            return (out, found) if tables else out
+            return (out, [row[k] for row in table_rows]) if tables else out
 
         return step

@@ -31,6 +31,7 @@ modified diffusion bridge.
 
 from __future__ import annotations
 
+import copy
 import math
 from functools import partial
 
@@ -39,7 +40,6 @@ from torch import Tensor
 
 from .checkpoint import checkpoint_block
 from .distribution import ALL_STEPS, LatentDiffusion
-from .sde import at_step
 
 __all__ = [
     "BlockedGuidedKernel",
@@ -390,15 +390,15 @@ def _is_rounding(error: Tensor, size: Tensor) -> bool:
 
 def _noise_free_path(prior: LatentDiffusion, batch_shape, kernels) -> Tensor:
     """The path of guided kernels without noise from ``x0``, ``batch + (N, D)``:
-    ``kernels`` gives ``(kernel, steps)`` pairs, each kernel for its range of steps."""
+    ``kernels`` gives ``(kernel, steps)`` pairs, each kernel for its slice of steps."""
     batch = torch.broadcast_shapes(batch_shape, prior.batch_shape)
     x = prior.x0.expand(batch + prior.x0.shape[-1:])
     h = prior.times.diff()
     states = []
     for kernel, steps in kernels:
-        for k in steps:
-            index = torch.tensor(k, device=x.device)
-            drift, _ = kernel.step(index, x, *prior.step(index, x))
+        kernel = kernel.window(steps)
+        for k in range(steps.start, steps.stop):
+            drift, _ = kernel.step(k, x, *prior.step(k, x))
             x = x + drift * h[k]
             states.append(x)
     return torch.stack(states, dim=-2)
@@ -442,22 +442,35 @@ class GuidedKernel:
             self._precomputed = self._tilt(self._rate(sigma), h, H, F)
             # One lookup per step: (gain, slope, level, scale) packed along the last
             # axis (diagonal), else (gain, scale) packed and shift apart.
-            gain, shift, scale = self._precomputed
             if self.diagonal:
                 # The guided drift (gain (x + drift h) + shift - x) / h as gain drift +
                 # slope x + level: two operations fewer per step.
+                gain, _, scale = self._precomputed
                 rate = self._rate(sigma)
                 slope, level = -gain * rate * H, gain * rate * F
                 self._precomputed = (gain, slope, level, scale)
-                self._packed = (torch.cat(torch.broadcast_tensors(*self._precomputed), -1),)
-            else:
-                gain, scale = torch.broadcast_tensors(gain, scale)
-                self._packed = (torch.stack([gain, scale], -3), shift)
+        #: the steps of the solve this is the window of (see :meth:`window`), or None
+        self._window: slice | None = None
+        self._rows: tuple[int, list] | None = None
 
     def window(self, steps: slice) -> GuidedKernel:
-        """The kernel for the steps ``steps`` of one checkpointed block: itself (its
-        tables cover the grid)."""
-        return self
+        """The kernel for the steps ``steps`` of one solve or checkpointed block (its
+        tables cover them): :meth:`step` splits their rows off at its first call."""
+        new = copy.copy(self)
+        new._window, new._rows = steps, None
+        return new
+
+    def _step_rows(self, steps: slice) -> tuple[int, list]:
+        """The first step of ``steps`` and the rows of the tables a step reads."""
+        local = self._local(steps)
+        if self._precomputed is None:
+            tables = [self.H[local], self.F[local], self.steps[steps]]
+        elif self.diagonal:
+            tables = list(self._precomputed)  # gain, slope, level, scale
+            tables = [table[local] for table in tables]
+        else:
+            tables = [table[local] for table in self._precomputed] + [self.steps[steps]]
+        return steps.start or 0, [table.unbind(0) for table in tables]
 
     def _rate(self, sigma: Tensor) -> Tensor:
         """``sigma sigma^T`` per unit time: its diagonal when the kernel is diagonal."""
@@ -495,7 +508,7 @@ class GuidedKernel:
     @torch.no_grad()
     def mean_path(self, prior: LatentDiffusion) -> Tensor:
         """The noise-free path of the guided kernel from ``x0``, ``batch + (N, D)``."""
-        return _noise_free_path(prior, self.batch_shape, [(self, range(self.steps.shape[0]))])
+        return _noise_free_path(prior, self.batch_shape, [(self, slice(0, self.steps.shape[0]))])
 
     @torch.no_grad()
     def drift_is_affine(self, prior: LatentDiffusion) -> bool:
@@ -539,20 +552,23 @@ class GuidedKernel:
             return steps
         return slice(steps.start - self._offset, steps.stop - self._offset)
 
-    def step(self, k: Tensor, x: Tensor, drift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-        local = k - self._offset if self._offset else k
+    def step(self, k: int, x: Tensor, drift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        rows = self._rows
+        if rows is None:
+            rows = self._step_rows(slice(k, k + 1) if self._window is None else self._window)
+            if self._window is not None:  # at the first step of the solve
+                self._rows = rows
+        first, rows = rows
+        i = k - first
         if self._precomputed is not None and self.diagonal:
-            gain, slope, level, guided_scale = at_step(self._packed[0], local).split(self.dim, -1)
+            gain, slope, level, guided_scale = (row[i] for row in rows)
             return gain * drift + slope * x + level, guided_scale
-        h = at_step(self.steps, k)
-        k = local
+        h = rows[-1][i]
         mean = x + drift * h
         if self._precomputed is not None:
-            gain, guided_scale = at_step(self._packed[0], k).unbind(-3)
-            shift = at_step(self._packed[1], k)
+            gain, shift, guided_scale = (row[i] for row in rows[:3])
         else:
-            H, F = at_step(self.H, k), at_step(self.F, k)
-            gain, shift, guided_scale = self._tilt(self._rate(scale), h, H, F)
+            gain, shift, guided_scale = self._tilt(self._rate(scale), h, rows[0][i], rows[1][i])
         guided_mean = self._apply(gain, mean) + shift
         return (guided_mean - x) / h, guided_scale
 
@@ -642,9 +658,9 @@ class BlockedGuidedKernel:
         if steps != self.blocks[b]:
             raise ValueError(f"Expected one of the blocks {self.blocks}, actual {steps}")
         H, F, _ = self._filter(b, *self._boundaries[b])
-        return GuidedKernel(H, F, self.prior, offset=steps.start)
+        return GuidedKernel(H, F, self.prior, offset=steps.start).window(steps)
 
-    def step(self, k: Tensor, x: Tensor, drift: Tensor, scale: Tensor):
+    def step(self, k: int, x: Tensor, drift: Tensor, scale: Tensor):
         raise RuntimeError("BlockedGuidedKernel: step through window(steps) of each block")
 
     def path(self, previous, drift, scale, steps: slice = ALL_STEPS):
@@ -654,7 +670,7 @@ class BlockedGuidedKernel:
     @torch.no_grad()
     def mean_path(self, prior: LatentDiffusion) -> Tensor:
         """The noise-free path of the guided kernel from ``x0``, ``batch + (N, D)``."""
-        kernels = ((self.window(s), range(s.start, s.stop)) for s in self.blocks)  # lazily
+        kernels = ((self.window(s), s) for s in self.blocks)  # lazily
         return _noise_free_path(prior, self.batch_shape, kernels)
 
     @torch.no_grad()

@@ -1,15 +1,15 @@
 """Euler–Maruyama chains on a user's time grid: simulation through torchsde, by step index.
 
 An Euler chain is given by its *coefficients*: a function ``step(k, x) -> (drift,
-scale)`` for the transition from ``x_k = x`` at ``t_k`` to ``t_{k+1}``,
+scale)`` for the transition from ``x_k = x`` at ``t_k`` to ``t_{k+1}``, ``k`` the step
+index (an ``int``),
 
     x_{k+1} = x_k + drift h_k + scale sqrt(h_k) xi_k,    xi_k ~ N(0, I_M),
 
 where ``scale`` is shaped like ``x`` (``"diagonal"`` noise, ``M = D``) or is a
 ``(..., D, M)`` matrix (``"general"`` noise, torchsde's name), or a lower-triangular
 ``(..., D, D)`` Cholesky factor (``"triangular"``, the library's guided chains: the
-density uses it as it is). ``k`` is a 0-d
-``int64`` tensor, so a step is found without a host synchronisation.
+density uses it as it is).
 
 torchsde steps with a fixed ``dt`` from ``ts[0]`` and interpolates at the output
 times, so a non-uniform grid is not stepped exactly. We therefore integrate in
@@ -18,10 +18,14 @@ times, so a non-uniform grid is not stepped exactly. We therefore integrate in
     dX = drift_k(X) h_k ds + scale_k(X) sqrt(h_k) dW_s
 
 is exactly the Euler step of the user's SDE from ``t_k`` to ``t_{k+1}``, on any grid,
-and ``s`` itself is the step index. torchsde's default Brownian motion
-(``BrownianInterval``) costs far more than the arithmetic of a solve (see
-benchmarks/README.md); :class:`GridBrownian` instead serves increments drawn once on
-the grid.
+and ``s`` itself is the step index. The solver takes the steps in order, one call of
+the coefficients each, so the adapter counts them: ``k`` is a Python ``int``, found
+without reading ``s`` back from the device, and per-step tables are read as rows
+split off once per solve (``table.unbind(0)``), not looked up at every step (a lookup
+is a few tensor operations a step, and its backward pass writes into a grid-sized
+zero tensor at every step). torchsde's default Brownian motion (``BrownianInterval``)
+costs far more than the arithmetic of a solve (see benchmarks/README.md);
+:class:`GridBrownian` instead serves increments drawn once on the grid.
 
 :func:`transition_log_prob` is the one place where the density of Euler transitions
 is written, for every chain in the package.
@@ -29,9 +33,9 @@ is written, for every chain in the package.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torchsde
@@ -43,7 +47,6 @@ from .checkpoint import checkpoint_block
 __all__ = [
     "GridBrownian",
     "NOISE_TYPES",
-    "at_step",
     "constant_diffusion",
     "gaussian_log_prob_tril",
     "simulate",
@@ -52,7 +55,7 @@ __all__ = [
 ]
 
 Diffusion = float | Tensor | Callable[[Tensor, Tensor], Tensor]
-Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+Step = Callable[[int, Tensor], tuple[Tensor, Tensor]]
 
 #: Noise types and the number of trailing dimensions of their scale.
 NOISE_TYPES = {"diagonal": 1, "general": 2, "triangular": 2}
@@ -61,11 +64,6 @@ NOISE_TYPES = {"diagonal": 1, "general": 2, "triangular": 2}
 _TORCHSDE_NOISE = {"diagonal": "diagonal", "general": "general", "triangular": "general"}
 
 _HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
-
-
-def at_step(table: Tensor, k: Tensor) -> Tensor:
-    """``table[k]`` for a 0-d int64 tensor ``k``, without a host synchronisation."""
-    return table.index_select(0, k.reshape(1)).squeeze(0)
 
 
 def constant_diffusion(diffusion, like: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
@@ -84,16 +82,17 @@ def constant_diffusion(diffusion, like: Tensor) -> Callable[[Tensor, Tensor], Te
 class GridBrownian(torchsde.BaseBrownian):
     """A Brownian motion in index time, built from given increments.
 
-    ``W(k + 1) - W(k) = noise[k]``; torchsde's Euler solver with ``dt = 1`` asks
-    only for these increments, with ``ta = k`` a tensor, so the increment is looked up
-    without a host synchronisation. :func:`simulate` passes the increments of the
-    user's Brownian motion on the grid, ``sqrt(h_k) xi_k``: the motion read in index
-    time.
+    ``W(k + 1) - W(k) = noise[k]``. torchsde's Euler solver with ``dt = 1`` asks only
+    for these increments, one step after the other, so they are served in order
+    from step :attr:`next_step` (set it to a solve's first step; 0 at construction),
+    as rows split off once, without reading the solver's tensor times back.
+    :func:`simulate` passes the increments of the user's Brownian motion on the grid,
+    ``sqrt(h_k) xi_k``: the motion read in index time.
 
     :param torch.Tensor noise: the increments, shape ``(N, batch, M)``.
     """
 
-    __slots__ = ("_noise", "served")
+    __slots__ = ("_noise", "_rows", "next_step", "served")
 
     def __init__(self, noise: Tensor):
         if not isinstance(noise, Tensor) or noise.dim() != 3:
@@ -102,6 +101,9 @@ class GridBrownian(torchsde.BaseBrownian):
                 f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}"
             )
         self._noise = noise
+        self._rows = noise.unbind(0)
+        #: the step whose increment the solver asks for next
+        self.next_step = 0
         #: the increment last served to the solver's loop (see ``_IndexTimeSDE``)
         self.served: Tensor | None = None
 
@@ -111,7 +113,13 @@ class GridBrownian(torchsde.BaseBrownian):
         if not isinstance(ta, Tensor):  # a caller outside torchsde's loop
             a, b = round(ta), round(tb)
             return self._noise[a:b].sum(0)
-        self.served = at_step(self._noise, ta.to(torch.long))
+        if self.next_step >= len(self._rows):
+            raise RuntimeError(
+                f"GridBrownian: expected at most {len(self._rows)} steps, actual a call "
+                "after the last one (set next_step to a solve's first step)"
+            )
+        self.served = self._rows[self.next_step]
+        self.next_step += 1
         return self.served
 
     def __repr__(self) -> str:
@@ -135,52 +143,54 @@ class GridBrownian(torchsde.BaseBrownian):
 
 
 class _IndexTimeSDE:
-    """An Euler chain's coefficients in index time for torchsde (Itô).
+    """One solve of an Euler chain in index time, for torchsde (Itô).
 
     torchsde sees ``y`` flattened to ``(batch, D)``; ``step`` sees the state with its
-    full ``shape`` restored and the step index ``k = s`` as a 0-d int64 tensor. One
-    call of ``step`` per Euler step gives both the drift and the scale (torchsde's
-    ``f_and_g_prod``), which are applied to the increments of the user's Brownian
-    motion (:class:`GridBrownian` in index time): ``g dW = scale sqrt(h_k) xi_k``.
+    full ``shape`` restored and the step index ``k``, counted from the solve's first
+    step ``first`` (torchsde's Euler solver calls :meth:`f_and_g_prod` once per step,
+    in order). One call of ``step`` per Euler step gives both the drift and the scale,
+    which are applied to the increments of the user's Brownian motion
+    (:class:`GridBrownian` in index time): ``g dW = scale sqrt(h_k) xi_k``.
 
-    ``states``, when a list, collects the states the solver steps from (see
-    :func:`_integrate`).
+    :attr:`states` collects the states the solver steps from (see :func:`_integrate`).
     """
 
     sde_type = "ito"
 
-    def __init__(self, step: Step, times: Tensor, shape: torch.Size, noise_type: str):
+    def __init__(
+        self,
+        step: Step,
+        steps: Tensor,
+        first: int,
+        shape: torch.Size,
+        noise_type: str,
+        brownian: GridBrownian,
+    ):
         self.step = step
         self.shape = shape
         self.noise_type = _TORCHSDE_NOISE[noise_type]
-        self._steps = times.diff()
+        self._steps = steps.unbind(0)  # h_k of the solve's steps
+        self._first = first
         self._general = self.noise_type == "general"
         self._flat = len(shape) == 2  # torchsde's (batch, D) is the state's own shape
-        self.states: list[Tensor] | None = None
-        #: the Brownian motion of a solve: a call with an increment it did not serve is
+        self.states: list[Tensor] = []
+        #: the Brownian motion of the solve: a call with an increment it did not serve is
         #: torchsde's shape check before the solve, answered without evaluating the step
-        self.brownian: GridBrownian | None = None
-
-    def with_step(self, step: Step) -> _IndexTimeSDE:
-        """The same chain with other coefficients (e.g. those of one block)."""
-        new = copy.copy(self)
-        new.step = step
-        return new
+        self.brownian = brownian
 
     def f_and_g_prod(self, s: Tensor, y: Tensor, v: Tensor):
-        if self.brownian is not None and v is not self.brownian.served:
+        if v is not self.brownian.served:
             return y, y  # torchsde reads only the shapes: (batch, D) both
-        if self.states is not None:
-            self.states.append(y)
-        k = s.to(torch.long)
+        i = len(self.states)
+        self.states.append(y)
         x = y if self._flat else y.view(self.shape)
-        drift, scale = self.step(k, x)
+        drift, scale = self.step(self._first + i, x)
         if self._general:
             noise = (v if self._flat else v.view(self.shape[:-1] + v.shape[-1:])).unsqueeze(-1)
             g_prod = (scale @ noise).squeeze(-1)
         else:
             g_prod = scale * (v if self._flat else v.view(self.shape))
-        f = drift * at_step(self._steps, k)
+        f = drift * self._steps[i]
         if f.shape != self.shape:
             f = f.expand(self.shape)
         if self._flat:
@@ -202,7 +212,7 @@ def simulate(
 
     No argument checks: callers have checked them (see :func:`solve`).
 
-    :param callable step: ``step(k, x) -> (drift, scale)``, ``k`` a 0-d int64 tensor.
+    :param callable step: ``step(k, x) -> (drift, scale)``, ``k`` the step index.
     :param torch.Tensor x0: initial states, shape ``batch_shape + (D,)``.
     :param torch.Tensor times: the grid ``t_0 < ... < t_N``.
     :param torch.Tensor noise: optional standard normal increments, shape
@@ -214,15 +224,17 @@ def simulate(
         the backward pass recomputes each block from its first state and the fixed
         increments, so memory does not grow with ``N``.
     :param callable window: ``window(steps)`` gives the coefficients to use for the
-        steps of one block (a ``slice``), made inside the block so that what they
-        precompute for the block is recomputed too; ``step`` for every block if omitted.
+        steps ``steps`` (a ``slice``) of one solve: of one block, or of the whole grid.
+        Made inside the block, so that what they precompute for it (rows of per-step
+        tables) is recomputed too; ``step`` for every solve if omitted.
     :returns: the states at ``times[1:]``, shape ``batch_shape + (N, D)``.
     :rtype: torch.Tensor
     """
     num_steps = times.shape[0] - 1
     shape = x0.shape
     noise_dim = shape[-1] if noise_dim is None else noise_dim
-    root_steps = times.diff().sqrt().reshape((-1,) + (1,) * len(shape))
+    steps = times.diff()
+    root_steps = steps.sqrt().reshape((-1,) + (1,) * len(shape))
     if noise is None:  # drawn here: scaled in place, one path-sized tensor
         increments = torch.randn(
             (num_steps,) + shape[:-1] + (noise_dim,), dtype=x0.dtype, device=x0.device
@@ -230,28 +242,27 @@ def simulate(
     else:
         increments = noise * root_steps
     flat = x0.reshape(-1, shape[-1])
-    sde = _IndexTimeSDE(step, times, shape, noise_type)
     index_times = torch.arange(num_steps + 1, dtype=x0.dtype, device=x0.device)
     bm = GridBrownian(increments.reshape(num_steps, flat.shape[0], noise_dim))
+
+    def solve_steps(y: Tensor, start: int, stop: int) -> Tensor:
+        coefficients = step if window is None else window(slice(start, stop))
+        sde = _IndexTimeSDE(coefficients, steps[start:stop], start, shape, noise_type, bm)
+        return _integrate(sde, y, index_times[start : stop + 1])
+
     if block_size is None or block_size >= num_steps:
-        ys = _integrate(sde, flat, index_times, bm)
+        ys = solve_steps(flat, 0, num_steps)
     else:
         blocks, y = [], flat
         for start in range(0, num_steps, block_size):
-            steps = slice(start, min(start + block_size, num_steps))
-            grid = index_times[start : start + block_size + 1]
-
-            def block(y, steps=steps, grid=grid):  # the block's coefficients made inside
-                block_sde = sde if window is None else sde.with_step(window(steps))
-                return _integrate(block_sde, y, grid, bm)
-
-            blocks.append(checkpoint_block(block, y))
+            stop = min(start + block_size, num_steps)
+            blocks.append(checkpoint_block(partial(solve_steps, start=start, stop=stop), y))
             y = blocks[-1][-1]
         ys = torch.cat(blocks)
     return ys.reshape((num_steps,) + shape).movedim(0, -2)
 
 
-def _integrate(sde: _IndexTimeSDE, y0: Tensor, index_times: Tensor, bm: GridBrownian) -> Tensor:
+def _integrate(sde: _IndexTimeSDE, y0: Tensor, index_times: Tensor) -> Tensor:
     """torchsde's Euler solve on ``index_times`` (``dt = 1``); the states after ``y0``.
 
     torchsde is asked for the last state only and the states in between are those it
@@ -262,18 +273,17 @@ def _integrate(sde: _IndexTimeSDE, y0: Tensor, index_times: Tensor, bm: GridBrow
     evaluating the chain's coefficients, and only the solver's ``N`` calls are steps.
     """
     num_steps = index_times.shape[0] - 1
-    recorder = copy.copy(sde)
-    recorder.states = []
-    recorder.brownian = bm
+    bm = sde.brownian
+    bm.next_step = sde._first
     ends = index_times[[0, -1]]
     try:
-        last = torchsde.sdeint(recorder, y0, ends, bm=bm, method="euler", dt=1.0)[-1]
-        states = recorder.states
+        last = torchsde.sdeint(sde, y0, ends, bm=bm, method="euler", dt=1.0)[-1]
+        states = sde.states
     finally:
         # torchsde's wrapper of the SDE keeps its own bound methods, a reference cycle
         # that outlives the solve until Python's cyclic collector runs: cut the link
         # from it to the chain (its tables and their autograd graph) and the states.
-        recorder.step = recorder.states = recorder.brownian = bm.served = None
+        sde.step = sde.states = sde.brownian = bm.served = None
     if len(states) != num_steps:
         raise RuntimeError(
             f"Expected torchsde's Euler solver to take {num_steps} steps, actual "
@@ -378,8 +388,8 @@ def solve(
         )
     diffusion_fn = constant_diffusion(diffusion, x0)
 
-    def step(k: Tensor, x: Tensor):
-        t = at_step(times, k)
+    def step(k: int, x: Tensor):
+        t = times[k]
         return drift(t, x), diffusion_fn(t, x)
 
     return simulate(step, x0, times, noise, noise_type, noise_dim)

@@ -67,4 +67,4 @@ def test_on_grid_equals_one_call_per_time():
     step = net.on_grid(times, context)
     for k, t in enumerate(times):
         x = torch.randn(4, 6, 2)
-        assert torch.allclose(step(torch.tensor(k), x), net(t, x, context), atol=1e-6)
+        assert torch.allclose(step(k, x), net(t, x, context), atol=1e-6)

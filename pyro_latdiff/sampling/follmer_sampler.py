@@ -349,7 +349,7 @@ class FollmerSampler:
         fn = trace.nodes["path"]["fn"]
         while not isinstance(fn, EulerChain):  # Pyro's and the guide's wrappers
             fn = getattr(fn, "base_dist", None) or fn.fn
-        drift, _ = fn.step(torch.tensor(k), x.to(self.dtype))
+        drift, _ = fn.step(k, x.to(self.dtype))
         return drift
 
     @torch.no_grad()

@@ -32,9 +32,13 @@ class _WiderChain(EulerChain):
         self.noise_scale = noise_scale
         self.x0, self.times = chain.x0, chain.times
         self.noise_type, self.noise_dim = chain.noise_type, chain.noise_dim
+        self.block_size = chain.block_size
         self._init_chain(chain.batch_shape, validate_args=False)
 
-    def step(self, k: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    def window(self, steps: slice) -> _WiderChain:
+        return _WiderChain(self.chain.window(steps), self.noise_scale)
+
+    def step(self, k: int, x: Tensor) -> tuple[Tensor, Tensor]:
         drift, scale = self.chain.step(k, x)
         return drift, self.noise_scale * scale
 
