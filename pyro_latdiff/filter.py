@@ -440,8 +440,6 @@ class GuidedKernel:
             h = self.steps[offset : offset + H.shape[0]].reshape((-1,) + self._ones)
             sigma = prior.diffusion_at(prior.times[0], prior.x0)
             self._precomputed = self._tilt(self._rate(sigma), h, H, F)
-            # One lookup per step: (gain, slope, level, scale) packed along the last
-            # axis (diagonal), else (gain, scale) packed and shift apart.
             if self.diagonal:
                 # The guided drift (gain (x + drift h) + shift - x) / h as gain drift +
                 # slope x + level: two operations fewer per step.
@@ -465,11 +463,10 @@ class GuidedKernel:
         local = self._local(steps)
         if self._precomputed is None:
             tables = [self.H[local], self.F[local], self.steps[steps]]
-        elif self.diagonal:
-            tables = list(self._precomputed)  # gain, slope, level, scale
-            tables = [table[local] for table in tables]
-        else:
-            tables = [table[local] for table in self._precomputed] + [self.steps[steps]]
+        else:  # diagonal: gain, slope, level, scale; else gain, shift, scale and h
+            tables = [table[local] for table in self._precomputed]
+            if not self.diagonal:
+                tables.append(self.steps[steps])
         return steps.start or 0, [table.unbind(0) for table in tables]
 
     def _rate(self, sigma: Tensor) -> Tensor:
