@@ -165,7 +165,7 @@ class Control:
         self._step_fn = None
 
     def _stepper(self, steps: slice):
-        """``step(k, x) -> (network output, [table[k], ...])`` for the steps ``steps``,
+        """``step(k, x) -> (network output, (table[k], ...))`` for the steps ``steps``,
         the rows of the time inputs and tables split off once."""
         first = steps.start or 0
         tables = [table[steps] for table in self._tables]
@@ -173,11 +173,11 @@ class Control:
             on_grid = self.net.on_grid(self._times[steps], self.context, tables)
             return lambda k, x: on_grid(k - first, x)
         times = self._times[steps].unbind(0)
-        rows = [table.unbind(0) for table in tables]
+        rows = list(zip(*(table.unbind(0) for table in tables), strict=True))  # per step
 
         def step(k: int, x: Tensor):
             i = k - first
-            return self.net(times[i], x, self.context), [row[i] for row in rows]
+            return self.net(times[i], x, self.context), rows[i]
 
         return step
 

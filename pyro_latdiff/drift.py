@@ -108,7 +108,7 @@ class NeuralDrift(nn.Module):
 
     def on_grid(
         self, times: Tensor, context: Tensor | None = None, tables: Sequence[Tensor] = ()
-    ) -> Callable[[int, Tensor], Tensor | tuple[Tensor, list[Tensor]]]:
+    ) -> Callable[[int, Tensor], Tensor | tuple[Tensor, tuple[Tensor, ...]]]:
         """``c(times[k], x, context)`` as ``step(k, x)``, for one simulation on a grid.
 
         The time and context parts of the first layer are computed once for the whole
@@ -117,7 +117,7 @@ class NeuralDrift(nn.Module):
 
         :param tables: per-step tables ``(N, width)`` of the caller (e.g. per-step
             terms added to the network's output), split into rows with the network's
-            own; then ``step(k, x)`` returns ``(output, [table[k], ...])``.
+            own; then ``step(k, x)`` returns ``(output, (table[k], ...))``.
         """
         if self.context_dim and context is None:
             raise ValueError(f"Expected `context` of shape (..., {self.context_dim}), actual None")
@@ -126,7 +126,7 @@ class NeuralDrift(nn.Module):
         if self.input_time is not None:
             rows = rows + self.input_time(self.time_features(times.to(bias.dtype)))
         rows = rows.unbind(0)
-        table_rows = [table.unbind(0) for table in tables]
+        table_rows = list(zip(*(table.unbind(0) for table in tables), strict=True))  # per step
         shift = None if not self.context_dim else self.input_context(context)
 
         def step(k: int, x: Tensor):
@@ -134,6 +134,6 @@ class NeuralDrift(nn.Module):
             if shift is not None:
                 hidden = hidden + shift
             out = self.hidden(hidden)
-            return (out, [row[k] for row in table_rows]) if tables else out
+            return (out, table_rows[k]) if tables else out
 
         return step

@@ -458,8 +458,8 @@ class GuidedKernel:
         new._window, new._rows = steps, None
         return new
 
-    def _step_rows(self, steps: slice) -> tuple[int, list]:
-        """The first step of ``steps`` and the rows of the tables a step reads."""
+    def _step_rows(self, steps: slice) -> tuple[int, list[tuple[Tensor, ...]]]:
+        """The first step of ``steps`` and, per step, the rows of the tables it reads."""
         local = self._local(steps)
         if self._precomputed is None:
             tables = [self.H[local], self.F[local], self.steps[steps]]
@@ -467,7 +467,7 @@ class GuidedKernel:
             tables = [table[local] for table in self._precomputed]
             if not self.diagonal:
                 tables.append(self.steps[steps])
-        return steps.start or 0, [table.unbind(0) for table in tables]
+        return steps.start or 0, list(zip(*(table.unbind(0) for table in tables), strict=True))
 
     def _rate(self, sigma: Tensor) -> Tensor:
         """``sigma sigma^T`` per unit time: its diagonal when the kernel is diagonal."""
@@ -556,16 +556,16 @@ class GuidedKernel:
             if self._window is not None:  # at the first step of the solve
                 self._rows = rows
         first, rows = rows
-        i = k - first
+        row = rows[k - first]
         if self._precomputed is not None and self.diagonal:
-            gain, slope, level, guided_scale = (row[i] for row in rows)
+            gain, slope, level, guided_scale = row
             return gain * drift + slope * x + level, guided_scale
-        h = rows[-1][i]
+        h = row[-1]
         mean = x + drift * h
         if self._precomputed is not None:
-            gain, shift, guided_scale = (row[i] for row in rows[:3])
+            gain, shift, guided_scale = row[:3]
         else:
-            gain, shift, guided_scale = self._tilt(self._rate(scale), h, rows[0][i], rows[1][i])
+            gain, shift, guided_scale = self._tilt(self._rate(scale), h, row[0], row[1])
         guided_mean = self._apply(gain, mean) + shift
         return (guided_mean - x) / h, guided_scale
 
