@@ -9,6 +9,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
 
 from ._validation import (
+    call_probe,
     check_diffusion,
     check_noise_type,
     check_output,
@@ -254,10 +255,10 @@ class LatentDiffusion(EulerChain):
                 f"Expected `drift` to be a callable drift(t, x), actual type {type(drift).__name__}"
             )
         t0 = times[0]
-        batch_shape = check_output("drift", drift(t0, x0), x0, positive=False)
+        batch_shape = check_output("drift", call_probe("drift", drift, t0, x0), x0, positive=False)
         event_dims = NOISE_TYPES[noise_type]
         if callable(diffusion):
-            probe = diffusion(t0, x0)
+            probe = call_probe("diffusion", diffusion, t0, x0)
             shape = check_output("diffusion", probe, x0, positive=not general, matrix=general)
             batch_shape = _broadcast_batch("diffusion", batch_shape, shape)
         else:

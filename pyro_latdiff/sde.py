@@ -41,7 +41,14 @@ import torch
 import torchsde
 from torch import Tensor
 
-from ._validation import check_diffusion, check_noise_type, check_output, check_times, check_x0
+from ._validation import (
+    call_probe,
+    check_diffusion,
+    check_noise_type,
+    check_output,
+    check_times,
+    check_x0,
+)
 from .checkpoint import checkpoint_block
 
 __all__ = [
@@ -371,12 +378,12 @@ def solve(
         raise TypeError(f"Expected `drift` to be callable, actual {type(drift).__name__}")
     general = noise_type == "general"
     if callable(diffusion):
-        probe = diffusion(times[0], x0)
+        probe = call_probe("diffusion", diffusion, times[0], x0)
         check_output("diffusion", probe, x0, positive=not general, matrix=general)
     else:
         check_diffusion(diffusion, x0, matrix=general)
         probe = torch.as_tensor(diffusion)
-    check_output("drift", drift(times[0], x0), x0, positive=False)
+    check_output("drift", call_probe("drift", drift, times[0], x0), x0, positive=False)
     noise_dim = probe.shape[-1] if general else x0.shape[-1]
     expected = (times.shape[0] - 1,) + tuple(x0.shape[:-1]) + (noise_dim,)
     if noise is not None and (

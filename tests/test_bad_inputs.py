@@ -93,6 +93,27 @@ TABLE = [
         TypeError,
         r"`drift\(times\[0\], x0\)`.*torch.Tensor",
     ),
+    (
+        # a global latent of shape (num_particles, 1) that the drift multiplies into
+        # x0 of shape (series, 1) without a trailing state axis
+        "drift-closure-not-broadcasting",
+        lambda: make(
+            drift=lambda t, x: -torch.ones(16, 1, dtype=D) * x, x0=torch.zeros(20, 1, dtype=D)
+        ),
+        ValueError,
+        r"`drift\(times\[0\], x0\)` to run on x of shape \(20, 1\).*size of tensor.*unsqueeze",
+    ),
+    (
+        "solve-diffusion-closure-not-broadcasting",
+        lambda: solve(
+            lambda t, x: -x,
+            lambda t, x: torch.ones(3, 1, dtype=D) + 0 * x,
+            torch.zeros(2, 1, dtype=D),
+            TIMES,
+        ),
+        ValueError,
+        r"`diffusion\(times\[0\], x0\)` to run on x of shape \(2, 1\)",
+    ),
     ("value-not-tensor", lambda: make().log_prob([0.0]), TypeError, r"`value`.*torch.Tensor"),
     (
         "value-wrong-steps",
