@@ -56,6 +56,14 @@ def _jacobian_rows(out: Tensor, inputs: Tensor, create_graph: bool) -> Tensor:
     ``out.shape[:-1] + (D_out, D_in)``. All rows in one vectorised backward pass
     (``is_grads_batched``), or one pass per row where an operation does not vectorise."""
     dim = out.shape[-1]
+    if dim == 1:  # one row: a plain backward pass (no batching machinery)
+        (row,) = torch.autograd.grad(
+            out, inputs, torch.ones_like(out), create_graph=create_graph, retain_graph=True,
+            allow_unused=True,
+        )  # fmt: skip
+        if row is None:
+            return torch.zeros(inputs.shape + (1,), dtype=inputs.dtype, device=inputs.device)
+        return row.unsqueeze(-2)
     eye = torch.eye(dim, dtype=out.dtype, device=out.device)
     basis = eye.reshape((dim,) + (1,) * (out.dim() - 1) + (dim,)).expand((dim,) + out.shape)
     try:
