@@ -12,6 +12,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from ._shapes import broadcast_shapes
 from .distribution import LatentDiffusion, latent_diffusion_of
 
 __all__ = ["ReferencePaths", "observation_log_likelihood", "shared_plate_values"]
@@ -40,7 +41,7 @@ class ReferencePaths(Messenger):
         if msg["name"] not in self.names:
             return
         fn = latent_diffusion_of(msg["fn"])
-        batch = torch.broadcast_shapes(msg["fn"].batch_shape, self.batch_shape)
+        batch = broadcast_shapes(msg["fn"].batch_shape, self.batch_shape)
         reference = self.references.get(msg["name"])
         if reference is None:
             reference = fn.x0.detach().unsqueeze(-2)

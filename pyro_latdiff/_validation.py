@@ -9,6 +9,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._shapes import broadcast_shapes
+
 
 def shape_of(x) -> tuple:
     return tuple(x.shape)
@@ -17,8 +19,8 @@ def shape_of(x) -> tuple:
 def _broadcast(value: Tensor, like: Tensor, expected: str) -> torch.Size:
     """The broadcast shape of ``value`` and ``like``, else "Expected {expected}, actual ..."."""
     try:
-        return torch.broadcast_shapes(value.shape, like.shape)
-    except RuntimeError:
+        return broadcast_shapes(value.shape, like.shape)
+    except ValueError:
         raise ValueError(f"Expected {expected}, actual shape {shape_of(value)}") from None
 
 
@@ -141,8 +143,8 @@ def check_output(
             )
         batch = out.shape[:-1]
     try:
-        shape = torch.broadcast_shapes(batch, x.shape[:-1])
-    except RuntimeError:
+        shape = broadcast_shapes(batch, x.shape[:-1])
+    except ValueError:
         raise ValueError(
             f"Expected {what} to return a tensor shaped like x, {shape_of(x)}, "
             f"actual shape {shape_of(out)}"

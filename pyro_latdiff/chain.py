@@ -50,6 +50,7 @@ from pyro.distributions import TorchDistribution, constraints
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
 
+from ._shapes import broadcast_shapes
 from .distribution import ALL_STEPS, EulerChain, LatentDiffusion
 from .drift import NeuralDrift
 from .filter import GuidedKernel
@@ -260,9 +261,9 @@ class ControlledChain(EulerChain):
         self._clamped: list[Tensor | int] = [0]
         batch_shape = prior.batch_shape
         if kernel is not None:
-            batch_shape = torch.broadcast_shapes(batch_shape, kernel.batch_shape)
+            batch_shape = broadcast_shapes(batch_shape, kernel.batch_shape)
         if control.context is not None:
-            batch_shape = torch.broadcast_shapes(batch_shape, control.context.shape[:-1])
+            batch_shape = broadcast_shapes(batch_shape, control.context.shape[:-1])
         self._init_chain(batch_shape, validate_args=False)
 
     def window(self, steps: slice) -> ControlledChain:

@@ -8,6 +8,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
 
+from ._shapes import broadcast_shapes
 from ._validation import (
     call_probe,
     check_diffusion,
@@ -124,7 +125,7 @@ class EulerChain(TorchDistribution):
             )
         if self._validate_args:
             self._validate_sample(value)
-        batch = torch.broadcast_shapes(value.shape[:-2], self.batch_shape)
+        batch = broadcast_shapes(value.shape[:-2], self.batch_shape)
         value = value.expand(batch + self.event_shape)
         x0 = self.x0.expand(batch + self.x0.shape[-1:])
         # Time axis leftmost: (N,) + sample_shape + batch_shape + (D,).
@@ -309,8 +310,8 @@ class LatentDiffusion(EulerChain):
 def _broadcast_batch(name: str, batch_shape: torch.Size, shape: torch.Size) -> torch.Size:
     """The batch shape of x0 and the drift broadcast with ``name``'s, or one error."""
     try:
-        return torch.broadcast_shapes(batch_shape, shape)
-    except RuntimeError:
+        return broadcast_shapes(batch_shape, shape)
+    except ValueError:
         raise ValueError(
             f"Expected `{name}` to have a batch shape that broadcasts with {tuple(batch_shape)} "
             f"(the batch shape of x0 and the drift), actual {tuple(shape)}"

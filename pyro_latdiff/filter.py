@@ -38,6 +38,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from ._shapes import broadcast_shapes
 from .checkpoint import checkpoint_block
 from .distribution import ALL_STEPS, LatentDiffusion
 
@@ -171,7 +172,7 @@ def linearise_drift(
 
 def _previous_states(prior: LatentDiffusion, reference: Tensor) -> Tensor:
     """``x_0 .. x_{N-1}`` of a reference path ``x_1 .. x_N``, time leftmost, detached."""
-    batch = torch.broadcast_shapes(reference.shape[:-2], prior.batch_shape)
+    batch = broadcast_shapes(reference.shape[:-2], prior.batch_shape)
     reference = reference.detach().expand(batch + reference.shape[-2:])
     x0 = prior.x0.detach().expand(batch + prior.x0.shape[-1:])
     return torch.cat([x0.unsqueeze(-2), reference[..., :-1, :]], dim=-2).movedim(-2, 0)
@@ -206,7 +207,7 @@ def _covariance(scale: Tensor, noise_type: str, dim: int) -> Tensor:
     """``sigma sigma^T`` for a diagonal (broadcasting with ``(D,)``) or general
     (``(..., D, M)``) scale."""
     if noise_type == "diagonal":
-        scale = scale.expand(torch.broadcast_shapes(scale.shape, (dim,)))
+        scale = scale.expand(broadcast_shapes(scale.shape, (dim,)))
         return torch.diag_embed(scale.square())
     return scale @ scale.transpose(-1, -2)
 
@@ -252,7 +253,7 @@ def _start_observations(precision: Tensor, information: Tensor, steps: slice):
 def _stacked(tensors: list[Tensor], shape: torch.Size | None = None) -> Tensor:
     """``tensors`` expanded to their broadcast shape (or ``shape``), stacked time leftmost."""
     if shape is None:
-        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        shape = broadcast_shapes(*(t.shape for t in tensors))
     return torch.stack([t.expand(shape) for t in tensors])
 
 
@@ -304,8 +305,8 @@ def _filter_back_diagonal(A, a, Q, P, f, H, F):
     ``K`` steps, which wins while the products are few (measured on CPU: up to about
     400 scalar filters times ``log2 K``); beyond, the loop.
     """
-    shape = torch.broadcast_shapes(A.shape, a.shape, Q.shape, P.shape, f.shape,
-                                   (1,) + H.shape, (1,) + F.shape)  # fmt: skip
+    shape = broadcast_shapes(A.shape, a.shape, Q.shape, P.shape, f.shape,
+                             (1,) + H.shape, (1,) + F.shape)  # fmt: skip
     steps, filters = shape[0], math.prod(shape[1:])
     if filters * max(1, math.ceil(math.log2(steps))) > _SCAN_FILTERS:
         return _filter_back_diagonal_loop(A, a, Q, P, f, H, F)
@@ -330,7 +331,7 @@ def _filter_back_diagonal_loop(A, a, Q, P, f, H, F):
         Fs.append(F)
         gain = 1.0 / (1.0 + H * Q[j])
         H, F = A2[j] * (gain * H) + P[j], gain * (A[j] * F - Aa[j] * H) + f[j]
-    shape = torch.broadcast_shapes(*(t.shape for t in Hs + Fs))  # H and F alike
+    shape = broadcast_shapes(*(t.shape for t in Hs + Fs))  # H and F alike
     return _stacked(Hs[::-1], shape), _stacked(Fs[::-1], shape), (H, F)
 
 
@@ -399,7 +400,7 @@ def _is_rounding(error: Tensor, size: Tensor) -> bool:
 def _noise_free_path(prior: LatentDiffusion, batch_shape, kernels) -> Tensor:
     """The path of guided kernels without noise from ``x0``, ``batch + (N, D)``:
     ``kernels`` gives ``(kernel, steps)`` pairs, each kernel for its slice of steps."""
-    batch = torch.broadcast_shapes(batch_shape, prior.batch_shape)
+    batch = broadcast_shapes(batch_shape, prior.batch_shape)
     x = prior.x0.expand(batch + prior.x0.shape[-1:])
     h = prior.times.diff()
     states = []
@@ -652,7 +653,7 @@ class BlockedGuidedKernel:
             boundary = checkpoint_block(partial(self._filter.boundary, b), *boundary)
             self._boundaries[b - 1] = boundary
         H, F = boundary
-        self.batch_shape = torch.broadcast_shapes(
+        self.batch_shape = broadcast_shapes(
             prior.batch_shape, H.shape[:-1] if self.diagonal else H.shape[:-2], F.shape[:-1]
         )
         self.noise_type = "diagonal" if self.diagonal else "triangular"
@@ -700,7 +701,7 @@ class _BlockFilter:
 
     def __init__(self, prior, reference, terms, create_graph: bool, block_size: int):
         self.prior = prior
-        batch = torch.broadcast_shapes(reference.shape[:-2], prior.batch_shape)
+        batch = broadcast_shapes(reference.shape[:-2], prior.batch_shape)
         self.reference = reference.detach().expand(batch + reference.shape[-2:])
         self._x0 = prior.x0.detach().expand(batch + prior.x0.shape[-1:])
         self.create_graph = create_graph

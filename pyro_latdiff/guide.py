@@ -38,6 +38,7 @@ from ._model_checks import (
     plates_batch_shape,
 )
 from ._observations import ReferencePaths, observation_log_likelihood, shared_plate_values
+from ._shapes import broadcast_shapes
 from ._traces import plate_nesting
 from ._validation import check_ordered_pair, check_positive_int, check_signature, check_widths
 from .chain import ChainParameters, Control, ControlledChain, PathDerivative, TargetGradient
@@ -353,7 +354,7 @@ class DiffusionGuide(AutoGuide):
         if not pieces:
             return None
         pieces = [p.to(like.dtype) for p in pieces]
-        batch = torch.broadcast_shapes(*(p.shape[:-1] for p in pieces))
+        batch = broadcast_shapes(*(p.shape[:-1] for p in pieces))
         context = torch.cat([p.expand(batch + p.shape[-1:]) for p in pieces], dim=-1)
         # A plate the path is not in leaves a singleton in its place; left of the
         # path's own batch it would give the guide's path a dimension the model's lacks.

@@ -41,6 +41,7 @@ import torch
 import torchsde
 from torch import Tensor
 
+from ._shapes import broadcast_shapes
 from ._validation import (
     call_probe,
     check_diffusion,
@@ -333,7 +334,7 @@ def transition_log_prob(
 
 def gaussian_log_prob_tril(residual: Tensor, tril: Tensor) -> Tensor:
     """``log N(residual; 0, L L^T)`` for lower-triangular ``L``, over the last axis."""
-    batch = torch.broadcast_shapes(residual.shape[:-1], tril.shape[:-2])
+    batch = broadcast_shapes(residual.shape[:-1], tril.shape[:-2])
     dim = residual.shape[-1]
     residual = residual.expand(batch + (dim,)).unsqueeze(-1)
     tril = tril.expand(batch + (dim, dim))

@@ -57,6 +57,7 @@ def test_contract_names_are_public():
 # above `distribution`), and `plots` draws PSIS-weighted histograms from
 # `inference_data` (so `plots` sits above it). A new module is one entry here.
 LAYERS = [
+    {"_shapes"},
     {"_warnings", "_validation", "checkpoint"},
     {"_traces"},
     {"sde", "unbiased"},
