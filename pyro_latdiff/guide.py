@@ -503,6 +503,14 @@ class DiffusionGuide(AutoGuide):
         return stack
 
     def forward(self, *args, **kwargs) -> dict[str, Tensor]:
+        if torch.jit.is_tracing() and (self.bridge or self.path_derivative):
+            raise NotImplementedError(
+                "DiffusionGuide runs under torch.jit.trace (JitTrace_ELBO and the other "
+                "Jit* ELBOs) only with bridge=False and path_derivative=False: the guided "
+                "kernel differentiates the model's observations and drift inside the guide, "
+                "and the path derivative calls the network with detached parameters, which "
+                "tracing does not support; use the ELBO without Jit (e.g. Trace_ELBO)"
+            )
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         enclosing = enclosing_plates()

@@ -516,3 +516,32 @@ def test_log_evidence_of_a_subsampled_model_is_one_clear_error():
         log_evidence(subsampled_model, guide, y, 2, num_samples=16)
     full = DiffusionGuide(subsampled_model)
     assert torch.isfinite(log_evidence(subsampled_model, full, y, num_samples=16))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+def test_jit_elbo_is_one_clear_error_unless_the_guide_can_be_traced():
+    from pyro.infer import SVI, JitTrace_ELBO
+
+    times = torch.linspace(0.0, 1.0, 6)
+
+    def model(y):
+        with pyro.plate("series", y.shape[0]):
+            x0 = torch.zeros(y.shape[0], 1)
+            path = pyro.sample("path", LatentDiffusion(lambda t, x: -x, 1.0, x0, times))
+            pyro.sample("y", dist.Normal(path[..., -1, 0], 0.5), obs=y)
+
+    y = torch.tensor([0.3, -0.5])
+    pyro.clear_param_store()
+    svi = SVI(model, DiffusionGuide(model), pyro.optim.Adam({"lr": 1e-2}), JitTrace_ELBO())
+    with pytest.raises(NotImplementedError, match=r"torch.jit.trace.*bridge=False"):
+        svi.step(y)
+    # Without the guided kernel and the path derivative the guide traces, and the
+    # traced loss is the untraced one on the same draws.
+    losses = {}
+    for name, elbo in (("jit", JitTrace_ELBO()), ("eager", Trace_ELBO())):
+        pyro.clear_param_store()
+        guide = DiffusionGuide(model, bridge=False, path_derivative=False)
+        torch.manual_seed(0)
+        losses[name] = SVI(model, guide, pyro.optim.Adam({"lr": 0.0}), elbo).evaluate_loss(y)
+    assert math.isfinite(losses["jit"])
+    assert losses["jit"] == pytest.approx(losses["eager"], rel=1e-5)
