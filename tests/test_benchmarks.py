@@ -1,6 +1,7 @@
 """The benchmark scripts run (tiny sizes), so they do not rot between measurements."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ def load(name):
         ("svi_step", ["--smoke"]),
         ("gpu_check", ["--device", "cpu", "--smoke"]),
         ("memory", ["--smoke"]),
+        ("memory", ["--smoke", "--live"]),
         ("samplers", ["--smoke", "--targets", "gmm9", "funnel", "manywell"]),
         ("samplers", ["--smoke", "--bias-vs-k"]),
         ("samplers", ["--smoke", "--targets", "manywell", "--losses", "log_variance+replay"]),
@@ -34,6 +36,22 @@ def load(name):
 def test_benchmark_runs_with_smoke(name, argv):
     module = load(name)
     module.main(module.parse_args(argv))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2")
+def test_the_live_heap_probe_sees_a_tensor_freed_between_operators():
+    import torch
+
+    module = load("memory")
+    with module._peak_heap_mode():  # its first use allocates once
+        torch.zeros(1)
+    before = module._live_heap()
+    with module._peak_heap_mode() as probe:
+        x = torch.ones(10_000_000)  # 40 MB, freed before the next operator
+        del x
+        torch.zeros(1)
+    assert probe.peak - before >= 40e6
+    assert module._live_heap() - before < 20e6
 
 
 def test_nuts_reference_runs_with_smoke(tmp_path):
