@@ -37,7 +37,7 @@ NUM_SERIES = 4
 STEPS = 5
 
 
-def measure(num_steps: int, block_size: int | None, live: bool = False) -> dict:
+def measure(num_steps: int, block_size: int | None, live: bool = False, steps: int = STEPS) -> dict:
     """One configuration, in this process: peak growth (MiB) and time (s) of an SVI step;
     with ``live``, the peak of the live heap instead of the resident set."""
     import pyro
@@ -68,7 +68,7 @@ def measure(num_steps: int, block_size: int | None, live: bool = False) -> dict:
     with torch.no_grad():  # the guide's parameters, without particles or gradients
         guide(y)
     peaks, seconds = [], []
-    for _ in range(STEPS):
+    for _ in range(steps):
         if live:
             before, probe = _live_heap(), _peak_heap_mode()
             start = time.perf_counter()
@@ -148,9 +148,11 @@ def _status(key: str) -> float:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def run_in_subprocess(num_steps: int, block_size: int | None, live: bool = False) -> dict:
+def run_in_subprocess(
+    num_steps: int, block_size: int | None, live: bool = False, steps: int = STEPS
+) -> dict:
     command = [sys.executable, __file__, "--child", str(num_steps), str(block_size or 0)]
-    command += ["live"] if live else []
+    command += [str(int(live)), str(steps)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     # Blocks of 64 KiB or more straight from the kernel and back to it when freed, so
     # the resident set size follows the live tensors instead of the allocator's caches.
@@ -165,7 +167,7 @@ def main(args) -> list[dict]:
     for num_steps in args.num_steps:
         row = {"N": num_steps}
         for variant in args.variants:
-            result = run_in_subprocess(num_steps, blocks[variant], args.live)
+            result = run_in_subprocess(num_steps, blocks[variant], args.live, args.steps)
             row[f"{variant}_first"] = result["first_mib"]
             row[f"{variant}_mib"] = result["peak_mib"]
             row[f"{variant}_median"] = result["median_mib"]
@@ -175,7 +177,7 @@ def main(args) -> list[dict]:
     what = "live heap (the probe slows the step)" if args.live else "resident set size"
     print(
         f"block_size = {args.block_size}. Growth of the peak {what} during an SVI "
-        f"step (MiB): median / largest of steps 2-{STEPS} (first step in brackets); the "
+        f"step (MiB): median / largest of steps 2-{args.steps} (first step in brackets); the "
         f"median over the same variant's at N = {base['N']}; time of a step (s, the fastest)"
     )
     names = args.variants
@@ -198,6 +200,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-steps", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--block-size", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=STEPS, help="SVI steps (>= 2)")
     parser.add_argument(
         "--variants", nargs="+", choices=["default", "blocks"], default=["default", "blocks"]
     )
@@ -209,14 +212,18 @@ def parse_args(argv=None):
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the tests")
     args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error(
+            f"--steps: expected at least 2 (the first step allocates once), actual {args.steps}"
+        )
     if args.smoke:
         args.num_steps, args.block_size = [20, 40], 10
     return args
 
 
 if __name__ == "__main__":
-    if len(sys.argv) in (4, 5) and sys.argv[1] == "--child":
-        block = int(sys.argv[3]) or None
-        print(json.dumps(measure(int(sys.argv[2]), block, live=sys.argv[4:] == ["live"])))
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        num_steps, block, live, steps = (int(a) for a in sys.argv[2:])
+        print(json.dumps(measure(num_steps, block or None, bool(live), steps)))
     else:
         main(parse_args())
