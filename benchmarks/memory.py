@@ -25,6 +25,7 @@ tensors are small (N = 100); the live heap counts them at every size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -69,19 +70,13 @@ def measure(num_steps: int, block_size: int | None, live: bool = False, steps: i
         guide(y)
     peaks, seconds = [], []
     for _ in range(steps):
-        if live:
-            before, probe = _live_heap(), _peak_heap_mode()
-            start = time.perf_counter()
-            with probe:
-                svi.step(y)
-            seconds.append(time.perf_counter() - start)
-            peaks.append((probe.peak - before) / 2**20)
-            continue
-        before = _reset_peak()
+        probe = _peak_heap_mode() if live else contextlib.nullcontext()
+        before = _live_heap() if live else _reset_peak()
         start = time.perf_counter()
-        svi.step(y)
+        with probe:
+            svi.step(y)
         seconds.append(time.perf_counter() - start)
-        peaks.append(_status("VmHWM") - before)
+        peaks.append((probe.peak - before) / 2**20 if live else _status("VmHWM") - before)
     # The first step also allocates once (the optimiser's state, lazy initialisations).
     later = sorted(peaks[1:])
     return {

@@ -86,7 +86,7 @@ def check_noise_type(noise_type) -> None:
         )
 
 
-def call_probe(name: str, fn, t: Tensor, x: Tensor, call: str = "(times[0], x0)"):
+def call_probe(name: str, fn, t: Tensor, x: Tensor):
     """``fn(t, x)`` for the construction probe of ``name``; a shape mismatch raised inside
     the user's function (a ``RuntimeError``) becomes one ``ValueError`` that names the
     function, the shape of ``x`` and the usual cause."""
@@ -94,7 +94,7 @@ def call_probe(name: str, fn, t: Tensor, x: Tensor, call: str = "(times[0], x0)"
         return fn(t, x)
     except RuntimeError as error:
         raise ValueError(
-            f"Expected `{name}{call}` to run on x of shape {shape_of(x)}, actual it fails: "
+            f"Expected `{name}(times[0], x0)` to run on x of shape {shape_of(x)}, actual it fails: "
             f"{error}. The tensors it closes over must broadcast with x (batch + (D,)); a "
             "latent drawn outside the path's plates has batch dimensions of its own (e.g. "
             "(num_particles, 1) under vectorised particles), so give it a trailing state "

@@ -54,8 +54,9 @@ __all__ = [
 def _jacobian_rows(out: Tensor, inputs: Tensor, create_graph: bool) -> Tensor:
     """``d out[..., i] / d inputs[..., :]`` stacked over ``i``, for an ``out`` whose
     entries depend only on the ``inputs`` entry at the same batch position:
-    ``out.shape[:-1] + (D_out, D_in)``. All rows in one vectorised backward pass
-    (``is_grads_batched``), or one pass per row where an operation does not vectorise."""
+    ``out.shape[:-1] + (D_out, D_in)``. One row in a plain backward pass; several in one
+    vectorised pass (``is_grads_batched``), or one pass per row where an operation does
+    not vectorise."""
     dim = out.shape[-1]
     if dim == 1:  # one row: a plain backward pass (no batching machinery)
         (row,) = torch.autograd.grad(
