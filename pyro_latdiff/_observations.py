@@ -27,13 +27,17 @@ class ReferencePaths(Messenger):
     :param torch.Size batch_shape: a batch the references are broadcast to (e.g. the
         enclosing vectorised particles), on top of each site's own.
     :param dict references: a reference path by site name (None or absent: constant).
+
+    After the run, :attr:`paths` holds each site's leaf and :attr:`references` its
+    reference broadcast to the site's batch: a view, which keeps no path-sized copy once
+    the leaf is gone.
     """
 
     def __init__(self, names: set[str], batch_shape: torch.Size, references: dict):
         super().__init__()
         self.names = names
         self.batch_shape = batch_shape
-        self.references = references
+        self.references = dict(references)
         self.paths: dict[str, Tensor] = {}
         self.fns: dict[str, LatentDiffusion] = {}
 
@@ -45,8 +49,10 @@ class ReferencePaths(Messenger):
         reference = self.references.get(msg["name"])
         if reference is None:
             reference = fn.x0.detach().unsqueeze(-2)
-        path = reference.detach().expand(batch + fn.event_shape).clone().requires_grad_()
+        reference = reference.detach().expand(batch + fn.event_shape)
+        path = reference.clone().requires_grad_()
         self.paths[msg["name"]] = path
+        self.references[msg["name"]] = reference
         self.fns[msg["name"]] = fn
         msg["value"] = path
         msg["is_observed"] = True

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import copy
 import math
+from bisect import bisect_left
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,6 +47,7 @@ from .distribution import ALL_STEPS, LatentDiffusion
 __all__ = [
     "BlockedGuidedKernel",
     "GuidedKernel",
+    "SparseObservationTerms",
     "backward_filter",
     "linearise_drift",
     "observation_terms",
@@ -88,12 +91,54 @@ def _jacobian_rows(out: Tensor, inputs: Tensor, create_graph: bool) -> Tensor:
     return rows.expand((dim,) + inputs.shape).movedim(0, -2)
 
 
+class SparseObservationTerms(NamedTuple):
+    """The observation terms of :func:`observation_terms` at the observed states only:
+    ``precision`` and ``information`` hold one row per entry of ``states`` (time
+    leftmost, ``(K,) + batch + (D, D)`` and ``(K,) + batch + (D,)``), the terms of every
+    other state of the ``num_states`` being zero. The memory is that of the
+    observations, not of the path."""
+
+    precision: Tensor
+    information: Tensor
+    #: the sorted indices (``0 .. num_states - 1``, state ``x_{j+1}`` at ``j``) of the
+    #: rows; ``None``: a row for every state (dense terms)
+    states: tuple[int, ...] | None
+    num_states: int
+
+    def rows(self, first: int, stop: int) -> tuple[Tensor, Tensor]:
+        """The dense terms of the states ``first .. stop - 1`` (zero where unobserved)."""
+        P, f = self.precision, self.information
+        if self.states is None:
+            return P[first:stop], f[first:stop]
+        lo, hi = bisect_left(self.states, first), bisect_left(self.states, stop)
+        P_rows = P.new_zeros((stop - first,) + P.shape[1:])
+        f_rows = f.new_zeros((stop - first,) + f.shape[1:])
+        if lo == hi:
+            return P_rows, f_rows
+        local = torch.tensor(self.states[lo:hi], device=P.device) - first
+        return P_rows.index_copy(0, local, P[lo:hi]), f_rows.index_copy(0, local, f[lo:hi])
+
+
+def _dependent_states(log_likelihood: Tensor, path: Tensor) -> tuple[int, ...]:
+    """The indices along the time axis of ``path`` (``batch + (N, D)``) of the states
+    ``log_likelihood`` depends on, whatever the values: a backward pass of a NaN marks
+    every state it reaches, since ``0 * nan`` is ``nan`` (a derivative that is zero at
+    these values, such as a loading at zero, still counts). Only selections (indexing,
+    ``where``) leave a state unmarked, and their derivatives are zero there too; an
+    operation that mixes states marks them all, which only keeps more rows."""
+    nan = torch.full_like(log_likelihood, math.nan)
+    (probe,) = torch.autograd.grad(log_likelihood, path, nan, retain_graph=True)
+    marked = (probe != 0).movedim(-2, 0).reshape(path.shape[-2], -1).any(-1)  # nan != 0
+    return tuple(marked.nonzero().squeeze(-1).tolist())
+
+
 def observation_terms(
     log_likelihood: Tensor,
     path: Tensor,
     create_graph: bool = True,
     check_coupling: bool = False,
-) -> tuple[Tensor, Tensor] | None:
+    sparse: bool = False,
+) -> tuple[Tensor, Tensor] | SparseObservationTerms | None:
     """The second-order expansion of the observation log-likelihood in each state.
 
     ``log_likelihood`` is a scalar computed from ``path`` (a leaf, ``batch + (N, D)``,
@@ -107,7 +152,9 @@ def observation_terms(
     The per-time Hessian blocks come from ``D`` backward passes, which is exact only
     if no observation couples the states at two times. With ``check_coupling`` one
     more Hessian-vector product in a random direction checks it, and a coupling is a
-    ``ValueError``.
+    ``ValueError``. With ``sparse``, the terms of the states the observations depend on
+    only, as :class:`SparseObservationTerms` (one more backward pass finds them): a
+    path observed at a few of many times then keeps no path-sized terms.
     """
     if not isinstance(log_likelihood, Tensor) or not log_likelihood.requires_grad:
         return None
@@ -132,17 +179,25 @@ def observation_terms(
                 "observation that couples states at several times; use "
                 "DiffusionGuide(..., bridge=False) for such a model"
             )
+    reference = path.detach()
+    if sparse:  # the rows of the observed states, before anything keeps the path-sized
+        states = _dependent_states(log_likelihood, path)
+        index = torch.tensor(states, dtype=torch.long, device=path.device)
+        grad, hessian = grad.index_select(-2, index), hessian.index_select(-3, index)
+        reference = reference.index_select(-2, index)
     precision = -0.5 * (hessian + hessian.transpose(-1, -2))
     if path.shape[-1] == 1:
         precision = precision.clamp(min=0.0)
     elif not _positive_semidefinite(precision.detach()):  # e.g. a heavy-tailed likelihood
         values, vectors = torch.linalg.eigh(precision)
         precision = (vectors * values.clamp(min=0.0).unsqueeze(-2)) @ vectors.transpose(-1, -2)
-    reference = path.detach().unsqueeze(-1)
-    information = grad + (precision @ reference).squeeze(-1)
+    information = grad + (precision @ reference.unsqueeze(-1)).squeeze(-1)
     if not create_graph:
         precision, information = precision.detach(), information.detach()
-    return precision.movedim(-3, 0), information.movedim(-2, 0)
+    precision, information = precision.movedim(-3, 0), information.movedim(-2, 0)
+    if sparse:
+        return SparseObservationTerms(precision, information, states, path.shape[-2])
+    return precision, information
 
 
 def _positive_semidefinite(matrix: Tensor) -> bool:
@@ -489,16 +544,18 @@ class GuidedKernel:
         cls,
         prior: LatentDiffusion,
         reference: Tensor,
-        terms: tuple[Tensor, Tensor],
+        terms: tuple[Tensor, Tensor] | SparseObservationTerms,
         create_graph: bool = True,
         block_size: int | None = None,
     ) -> GuidedKernel | BlockedGuidedKernel:
         """The guided kernel of ``prior`` linearised around ``reference`` (``batch +
-        (N, D)``), given the observation terms of :func:`observation_terms`; with
-        ``block_size`` (fewer than ``N``), a :class:`BlockedGuidedKernel`."""
+        (N, D)``), given the observation terms of :func:`observation_terms` (dense or
+        sparse); with ``block_size`` (fewer than ``N``), a :class:`BlockedGuidedKernel`."""
         if block_size is not None and block_size < prior.num_steps:
             return BlockedGuidedKernel(prior, reference, terms, create_graph, block_size)
         A, a, Q, previous = linearise_drift(prior, reference, create_graph)
+        if isinstance(terms, SparseObservationTerms):
+            terms = terms.rows(0, terms.num_states)
         precision, information = terms
         if _all_diagonal(prior, A, precision):  # D independent scalar filters
             diagonal = lambda m: m.diagonal(dim1=-2, dim2=-1)  # noqa: E731
@@ -626,7 +683,8 @@ class BlockedGuidedKernel:
 
     :param LatentDiffusion prior: the model's chain.
     :param torch.Tensor reference: the reference path ``x_1 .. x_N``, ``batch + (N, D)``.
-    :param tuple terms: the observation terms of :func:`observation_terms`.
+    :param terms: the observation terms of :func:`observation_terms`, dense or (to keep
+        no path-sized terms) :class:`SparseObservationTerms`.
     :param bool create_graph: whether the kernel is differentiated (to the prior's
         parameters and the observation terms).
     :param int block_size: steps per block.
@@ -636,7 +694,7 @@ class BlockedGuidedKernel:
         self,
         prior: LatentDiffusion,
         reference: Tensor,
-        terms: tuple[Tensor, Tensor],
+        terms: tuple[Tensor, Tensor] | SparseObservationTerms,
         create_graph: bool,
         block_size: int,
     ):
@@ -647,8 +705,7 @@ class BlockedGuidedKernel:
         self._filter = _BlockFilter(prior, reference, terms, create_graph, block_size)
         self.blocks = self._filter.blocks
         self.diagonal = self._filter.diagonal
-        precision, information = self._filter.terms
-        boundary = (precision[-1], information[-1])
+        boundary = tuple(term[0] for term in self._filter.terms.rows(*self._filter.last))
         self._boundaries: list[tuple[Tensor, Tensor]] = [boundary] * len(self.blocks)
         for b in range(len(self.blocks) - 1, 0, -1):
             boundary = checkpoint_block(partial(self._filter.boundary, b), *boundary)
@@ -711,13 +768,15 @@ class _BlockFilter:
             slice(start, min(start + block_size, num_steps))
             for start in range(0, num_steps, block_size)
         ]
-        precision, information = terms
+        if not isinstance(terms, SparseObservationTerms):  # every state has a row
+            terms = SparseObservationTerms(*terms, None, num_steps)
         self.diagonal = dim == 1 or (
-            prior.noise_type == "diagonal" and self._linear_parts_are_diagonal(precision)
+            prior.noise_type == "diagonal" and self._linear_parts_are_diagonal(terms.precision)
         )
         if self.diagonal:
-            precision = precision.diagonal(dim1=-2, dim2=-1)
-        self.terms = precision, information
+            terms = terms._replace(precision=terms.precision.diagonal(dim1=-2, dim2=-1))
+        self.terms = terms
+        self.last = (num_steps - 1, num_steps)  # the rows of the last state
 
     def previous(self, steps: slice) -> Tensor:
         """The reference states the steps ``steps`` start from, time leftmost."""
@@ -743,7 +802,9 @@ class _BlockFilter:
         the state after the block, and ``(H, F)`` of the state before it."""
         steps = self.blocks[b]
         A, a, Q = _linearise_steps(self.prior, self.previous(steps), steps, self.create_graph)
-        P, f = _start_observations(*self.terms, steps)
+        P, f = self.terms.rows(max(steps.start - 1, 0), steps.stop - 1)
+        if steps.start == 0:  # x_0 is not observed
+            P, f = (torch.cat([t.new_zeros((1,) + t.shape[1:]), t]) for t in (P, f))
         if self.diagonal:
             A, Q = A.diagonal(dim1=-2, dim2=-1), Q.diagonal(dim1=-2, dim2=-1)
             return _filter_back_diagonal(A, a, Q, P, f, H, F)

@@ -435,12 +435,15 @@ class DiffusionGuide(AutoGuide):
             # (earlier ones do not depend on this one, later ones are references).
             log_lik = observation_log_likelihood(trace, path_names)
             check = site not in self._coupling_checked
-            terms = observation_terms(log_lik, paths.paths[site], create_graph, check)
+            block_size = self._block_size(prior)
+            # In blocks, the terms of the observed states only: none of size N.
+            sparse = block_size is not None and block_size < prior.num_steps
+            terms = observation_terms(log_lik, paths.paths[site], create_graph, check, sparse)
             self._coupling_checked.add(site)
             if terms is None:
                 return trace, prior, None
             kernel = GuidedKernel.from_observations(
-                prior, paths.paths[site], terms, create_graph, self._block_size(prior)
+                prior, paths.references[site], terms, create_graph, block_size
             )
         return trace, prior, kernel
 

@@ -222,3 +222,61 @@ def test_a_bad_block_size_is_one_clear_error(block_size):
     times = torch.linspace(0.0, 1.0, 11)
     with pytest.raises(ValueError, match="block_size"):
         LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1), times, block_size=block_size)
+
+
+def test_sparse_observation_terms_are_the_dense_terms_at_the_observed_states():
+    """In blocks the guide keeps the terms of the observed states only: the rows of
+    the dense terms there, zero elsewhere, with the same derivatives to a loading; a
+    loading of zero (every derivative to the path zero at these values) still keeps
+    its states, and a state reached through ``where`` only is left out."""
+    from pyro_latdiff.filter import SparseObservationTerms, observation_terms
+
+    generator = torch.Generator().manual_seed(0)
+    path = torch.randn(3, 12, 2, generator=generator, dtype=torch.float64).requires_grad_()
+    loading = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    observed = torch.tensor([1, 4, 5, 11])
+    masked = torch.where(torch.zeros(3, 1, 2, dtype=torch.bool), path[..., 7:8, :], 0.0)
+    loc = (path[..., observed, :] * loading).sum(-1) + masked.sum((-2, -1)).unsqueeze(-1)
+    log_lik = dist.Normal(loc, 0.5).log_prob(y).sum() - 0.1 * path[..., 9, :].square().sum()
+    dense = observation_terms(log_lik, path, create_graph=True)
+    sparse = observation_terms(log_lik, path, create_graph=True, sparse=True)
+    assert isinstance(sparse, SparseObservationTerms)
+    assert sparse.states == (1, 4, 5, 9, 11) and sparse.num_states == 12
+    for first, stop in [(0, 12), (3, 6), (6, 9), (10, 12)]:
+        for d, s in zip((t[first:stop] for t in dense), sparse.rows(first, stop), strict=True):
+            assert torch.equal(d, s)
+    # The derivatives to the loading (zero-valued terms at loading 0) agree.
+    weights = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in dense]
+
+    def weighted(terms):
+        return sum((w * t).sum() for w, t in zip(weights, terms, strict=True))
+
+    d_dense = torch.autograd.grad(weighted(dense), loading, retain_graph=True)
+    d_sparse = torch.autograd.grad(weighted(sparse.rows(0, 12)), loading)
+    assert d_dense[0].abs().sum() > 0
+    assert torch.allclose(d_dense[0], d_sparse[0], rtol=1e-12)
+
+
+def test_a_blocked_kernel_keeps_no_terms_of_the_size_of_the_path(monkeypatch):
+    """The blocked guided kernel of a path observed at a few of many steps holds the
+    observation terms of those states only."""
+    from pyro_latdiff.filter import BlockedGuidedKernel
+
+    model, num_obs = _model_factory("scalar", 60, 10)
+    y = torch.zeros(3, num_obs, dtype=torch.float64)
+    pyro.clear_param_store()
+    guide = DiffusionGuide(model, name="g")
+    kernels = []
+    original = BlockedGuidedKernel.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        kernels.append(self)
+
+    monkeypatch.setattr(BlockedGuidedKernel, "__init__", record)
+    guide(y)
+    (kernel,) = kernels
+    terms = kernel._filter.terms
+    assert terms.states == tuple(range(2, 60, 3))
+    assert terms.precision.shape[0] == terms.information.shape[0] == num_obs
