@@ -118,6 +118,14 @@ class SparseObservationTerms(NamedTuple):
         local = torch.tensor(self.states[lo:hi], device=P.device) - first
         return P_rows.index_copy(0, local, P[lo:hi]), f_rows.index_copy(0, local, f[lo:hi])
 
+    def start_rows(self, steps: slice) -> tuple[Tensor, Tensor]:
+        """The dense terms of the states the transitions ``steps`` start from: ``x_start
+        .. x_{stop - 1}``, zero for ``x_0``."""
+        P, f = self.rows(max(steps.start - 1, 0), steps.stop - 1)
+        if steps.start == 0:  # x_0 is not observed
+            P, f = (torch.cat([t.new_zeros((1,) + t.shape[1:]), t]) for t in (P, f))
+        return P, f
+
 
 def _dependent_states(log_likelihood: Tensor, path: Tensor) -> tuple[int, ...]:
     """The indices along the time axis of ``path`` (``batch + (N, D)``) of the states
@@ -298,12 +306,8 @@ def _start_observations(precision: Tensor, information: Tensor, steps: slice):
     """The observation terms (time leftmost, of :func:`observation_terms`' states
     ``x_1 .. x_N``) of the states the transitions ``steps`` start from: ``x_start ..
     x_{stop - 1}``, zero for ``x_0``."""
-    first = max(steps.start - 1, 0)
-    P, f = precision[first : steps.stop - 1], information[first : steps.stop - 1]
-    if steps.start == 0:
-        P = torch.cat([torch.zeros_like(precision[:1]), P])
-        f = torch.cat([torch.zeros_like(information[:1]), f])
-    return P, f
+    terms = SparseObservationTerms(precision, information, None, precision.shape[0])
+    return terms.start_rows(steps)
 
 
 def _stacked(tensors: list[Tensor], shape: torch.Size | None = None) -> Tensor:
@@ -705,7 +709,8 @@ class BlockedGuidedKernel:
         self._filter = _BlockFilter(prior, reference, terms, create_graph, block_size)
         self.blocks = self._filter.blocks
         self.diagonal = self._filter.diagonal
-        boundary = tuple(term[0] for term in self._filter.terms.rows(*self._filter.last))
+        num_states = self._filter.terms.num_states
+        boundary = tuple(term[0] for term in self._filter.terms.rows(num_states - 1, num_states))
         self._boundaries: list[tuple[Tensor, Tensor]] = [boundary] * len(self.blocks)
         for b in range(len(self.blocks) - 1, 0, -1):
             boundary = checkpoint_block(partial(self._filter.boundary, b), *boundary)
@@ -776,7 +781,6 @@ class _BlockFilter:
         if self.diagonal:
             terms = terms._replace(precision=terms.precision.diagonal(dim1=-2, dim2=-1))
         self.terms = terms
-        self.last = (num_steps - 1, num_steps)  # the rows of the last state
 
     def previous(self, steps: slice) -> Tensor:
         """The reference states the steps ``steps`` start from, time leftmost."""
@@ -802,9 +806,7 @@ class _BlockFilter:
         the state after the block, and ``(H, F)`` of the state before it."""
         steps = self.blocks[b]
         A, a, Q = _linearise_steps(self.prior, self.previous(steps), steps, self.create_graph)
-        P, f = self.terms.rows(max(steps.start - 1, 0), steps.stop - 1)
-        if steps.start == 0:  # x_0 is not observed
-            P, f = (torch.cat([t.new_zeros((1,) + t.shape[1:]), t]) for t in (P, f))
+        P, f = self.terms.start_rows(steps)
         if self.diagonal:
             A, Q = A.diagonal(dim1=-2, dim2=-1), Q.diagonal(dim1=-2, dim2=-1)
             return _filter_back_diagonal(A, a, Q, P, f, H, F)
