@@ -12,25 +12,28 @@ the tensors kept for backward do not show. It reports the peak's growth in each 
 and the time of a step; the variants alternate (default, blocks, default, ...).
 
     python benchmarks/memory.py                      # N = 100, 1000, 10000
-    python benchmarks/memory.py --live --variants blocks   # the live heap's peak
+    python benchmarks/memory.py --live --variants blocks   # the heap in use's peak
     python benchmarks/memory.py --smoke              # N = 20, 40 (tests)
 
-With ``--live`` the peak is that of the live C heap instead (glibc's ``mallinfo2``,
-read after every operator by a ``TorchDispatchMode``: chunks in use, small ones
-included). The resident set misses small allocations served from memory the
-allocator already holds, so its growth understates the step's own peak where most
-tensors are small (N = 100); the live heap counts them at every size.
+With ``--live`` the peak is that of the C heap in use instead, counted exactly: each
+child preloads ``heap_counter.c`` (built with the C compiler, ``cc``), which adds every
+allocation's size and takes off every free, tensors, autograd nodes and Python
+objects alike, and changes nothing in the step. The resident set misses small
+allocations served from memory the allocator already holds, so its growth understates
+the step's own peak where most tensors are small (N = 100); the counter sees them at
+every size.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 OBS_SCALE = 0.2
@@ -40,7 +43,8 @@ STEPS = 5
 
 def measure(num_steps: int, block_size: int | None, live: bool = False, steps: int = STEPS) -> dict:
     """One configuration, in this process: peak growth (MiB) and time (s) of an SVI step;
-    with ``live``, the peak of the live heap instead of the resident set."""
+    with ``live``, the peak of the heap in use (the preloaded counter) instead of the
+    resident set."""
     import pyro
     import pyro.distributions as dist
     import torch
@@ -70,13 +74,12 @@ def measure(num_steps: int, block_size: int | None, live: bool = False, steps: i
         guide(y)
     peaks, seconds = [], []
     for _ in range(steps):
-        probe = _peak_heap_mode() if live else contextlib.nullcontext()
-        before = _live_heap() if live else _reset_peak()
+        before = _heap_counter().heap_counter_reset() / 2**20 if live else _reset_peak()
         start = time.perf_counter()
-        with probe:
-            svi.step(y)
+        svi.step(y)
         seconds.append(time.perf_counter() - start)
-        peaks.append((probe.peak - before) / 2**20 if live else _status("VmHWM") - before)
+        peak = _heap_counter().heap_counter_peak() / 2**20 if live else _status("VmHWM")
+        peaks.append(peak - before)
     # The first step also allocates once (the optimiser's state, lazy initialisations).
     later = sorted(peaks[1:])
     return {
@@ -88,44 +91,27 @@ def measure(num_steps: int, block_size: int | None, live: bool = False, steps: i
 
 
 @functools.cache
-def _mallinfo2():
-    """glibc's ``mallinfo2``, returning its struct."""
+def _heap_counter():
+    """The preloaded allocation counter's functions (``heap_counter.c``)."""
     import ctypes
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [
-            (name, ctypes.c_size_t)
-            for name in (
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-            ).split()
-        ]
-
-    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    mallinfo2.restype = MallInfo2
-    return mallinfo2
+    lib = ctypes.CDLL(None)
+    if not hasattr(lib, "heap_counter_peak"):
+        raise RuntimeError("expected the process to preload heap_counter.so (memory.py --live)")
+    for name in ("heap_counter_reset", "heap_counter_peak"):
+        getattr(lib, name).restype = ctypes.c_size_t
+    return lib
 
 
-def _live_heap() -> int:
-    """Bytes of the C heap in use now (arena chunks in use plus mmapped chunks): every
-    tensor and autograd node, whatever the allocator keeps cached."""
-    info = _mallinfo2()()
-    return info.uordblks + info.hblkhd
-
-
-def _peak_heap_mode():
-    """A ``TorchDispatchMode`` that reads :func:`_live_heap` after every operator
-    (forward, backward and the blocks' recomputation) and keeps the largest in ``peak``."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class PeakHeap(TorchDispatchMode):
-        peak = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.peak = max(self.peak, _live_heap())
-            return out
-
-    return PeakHeap()
+def build_heap_counter(directory: str) -> str:
+    """Compile ``heap_counter.c`` into ``directory``; returns the shared library's path."""
+    compiler = shutil.which("cc")
+    if compiler is None:
+        raise RuntimeError("--live: expected a C compiler (cc) to build the heap counter")
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heap_counter.c")
+    library = os.path.join(directory, "heap_counter.so")
+    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", library, source], check=True)
+    return library
 
 
 def _reset_peak() -> float:
@@ -144,32 +130,42 @@ def _status(key: str) -> float:
 
 
 def run_in_subprocess(
-    num_steps: int, block_size: int | None, live: bool = False, steps: int = STEPS
+    num_steps: int, block_size: int | None, counter: str | None = None, steps: int = STEPS
 ) -> dict:
+    """One configuration in a fresh process; ``counter``: the heap counter's library
+    to preload (the peak of the heap in use), or None (the resident set)."""
     command = [sys.executable, __file__, "--child", str(num_steps), str(block_size or 0)]
-    command += [str(int(live)), str(steps)]
+    command += [str(int(counter is not None)), str(steps)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     # Blocks of 64 KiB or more straight from the kernel and back to it when freed, so
     # the resident set size follows the live tensors instead of the allocator's caches.
     env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    if counter is not None:
+        env["LD_PRELOAD"] = counter
     out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(args) -> list[dict]:
+    with tempfile.TemporaryDirectory() as directory:
+        counter = build_heap_counter(directory) if args.live else None
+        return _table(args, counter)
+
+
+def _table(args, counter: str | None) -> list[dict]:
     blocks = {"default": None, "blocks": args.block_size}
     rows = []
     for num_steps in args.num_steps:
         row = {"N": num_steps}
         for variant in args.variants:
-            result = run_in_subprocess(num_steps, blocks[variant], args.live, args.steps)
+            result = run_in_subprocess(num_steps, blocks[variant], counter, args.steps)
             row[f"{variant}_first"] = result["first_mib"]
             row[f"{variant}_mib"] = result["peak_mib"]
             row[f"{variant}_median"] = result["median_mib"]
             row[f"{variant}_s"] = result["seconds"]
         rows.append(row)
     base = rows[0]
-    what = "live heap (the probe slows the step)" if args.live else "resident set size"
+    what = "heap in use (counted)" if args.live else "resident set size"
     print(
         f"block_size = {args.block_size}. Growth of the peak {what} during an SVI "
         f"step (MiB): median / largest of steps 2-{args.steps} (first step in brackets); the "
@@ -202,7 +198,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--live",
         action="store_true",
-        help="the peak of the live heap (glibc mallinfo2 after every operator) instead of "
+        help="the peak of the heap in use (every allocation counted; needs cc) instead of "
         "the resident set size",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the tests")
