@@ -50,7 +50,9 @@ class ReferencePaths(Messenger):
         if reference is None:
             reference = fn.x0.detach().unsqueeze(-2)
         reference = reference.detach().expand(batch + fn.event_shape)
-        path = reference.clone().requires_grad_()
+        # The leaf is the reference broadcast (a view, no copy): the observation terms'
+        # graph keeps it until the backward pass, where a copy would be path-sized.
+        path = reference.detach().requires_grad_()
         self.paths[msg["name"]] = path
         self.references[msg["name"]] = reference
         self.fns[msg["name"]] = fn

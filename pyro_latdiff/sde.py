@@ -25,7 +25,9 @@ split off once per solve (``table.unbind(0)``), not looked up at every step (a l
 is a few tensor operations a step, and its backward pass writes into a grid-sized
 zero tensor at every step). torchsde's default Brownian motion (``BrownianInterval``)
 costs far more than the arithmetic of a solve (see benchmarks/README.md);
-:class:`GridBrownian` instead serves increments drawn once on the grid.
+:class:`GridBrownian` instead serves increments drawn once on the grid. In blocks
+the backward pass draws each block's increments again, from the generator's state
+saved in the forward pass, so no path-sized increments are kept between the two.
 
 :func:`transition_log_prob` is the one place where the density of Euler transitions
 is written, for every chain in the package.
@@ -34,6 +36,7 @@ is written, for every chain in the package.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from functools import partial
 
@@ -67,6 +70,9 @@ Step = Callable[[int, Tensor], tuple[Tensor, Tensor]]
 
 #: Noise types and the number of trailing dimensions of their scale.
 NOISE_TYPES = {"diagonal": 1, "general": 2, "triangular": 2}
+#: steps of increments drawn at a time (:class:`_GridNormal`): a block drawn again in
+#: the backward pass draws at most two chunks more than its own steps
+DRAW_STEPS = 128
 #: The noise type torchsde is told: a lower-triangular ``(D, D)`` scale (the library's
 #: own guided chains) is simulated as general noise; only its density differs.
 _TORCHSDE_NOISE = {"diagonal": "diagonal", "general": "general", "triangular": "general"}
@@ -92,58 +98,101 @@ class GridBrownian(torchsde.BaseBrownian):
 
     ``W(k + 1) - W(k) = noise[k]``. torchsde's Euler solver with ``dt = 1`` asks only
     for these increments, one step after the other, so they are served in order
-    from step :attr:`next_step` (set it to a solve's first step; 0 at construction),
-    as rows split off once, without reading the solver's tensor times back.
-    :func:`simulate` passes the increments of the user's Brownian motion on the grid,
-    ``sqrt(h_k) xi_k``: the motion read in index time.
+    from step :attr:`next_step` (:meth:`start_solve` sets it to a solve's first step;
+    0 at construction), as rows split off once, without reading the solver's tensor
+    times back. :func:`simulate` passes the increments of the user's Brownian motion on
+    the grid, ``sqrt(h_k) xi_k``: the motion read in index time.
 
     :param torch.Tensor noise: the increments, shape ``(N, batch, M)``.
+    :param callable redraw: optional: ``redraw(start, stop)`` returns the increments
+        of the steps ``start .. stop - 1`` again (drawn from a generator's saved state).
+        Then :meth:`release` lets them all go, and each later solve draws its own steps
+        again.
     """
 
-    __slots__ = ("_noise", "_rows", "next_step", "served")
+    __slots__ = ("_noise", "_rows", "_first", "_redraw", "_size", "_dtype", "_device")
+    __slots__ += ("next_step", "served")
 
-    def __init__(self, noise: Tensor):
+    def __init__(self, noise: Tensor, redraw: Callable[[int, int], Tensor] | None = None):
         if not isinstance(noise, Tensor) or noise.dim() != 3:
             raise ValueError(
                 "Expected `noise` of shape (N, batch, M), actual "
                 f"{tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__}"
             )
-        self._noise = noise
-        self._rows = noise.unbind(0)
+        self._noise: Tensor | None = noise
+        #: the rows served, of the steps from ``_first`` on
+        self._rows: tuple[Tensor, ...] = noise.unbind(0)
+        self._first = 0
+        self._redraw = redraw
+        self._size, self._dtype, self._device = noise.shape, noise.dtype, noise.device
         #: the step whose increment the solver asks for next
         self.next_step = 0
         #: the increment last served to the solver's loop (see ``_IndexTimeSDE``)
         self.served: Tensor | None = None
+
+    @property
+    def noise(self) -> Tensor:
+        """The increments, ``(N, batch, M)`` (drawn again if released)."""
+        if self._noise is None:
+            self._noise = self._drawn_again(0, self._size[0])
+            self._rows, self._first = self._noise.unbind(0), 0
+        return self._noise
+
+    def release(self) -> None:
+        """Let the increments go (needs ``redraw``): a later solve draws its own again."""
+        if self._redraw is None:
+            raise RuntimeError("GridBrownian.release: expected a `redraw` to draw them again")
+        self._noise, self._rows, self.served = None, (), None
+
+    def start_solve(self, start: int, stop: int) -> None:
+        """Serve the steps ``start .. stop - 1`` next, drawn again if released."""
+        if self._noise is None and not (
+            self._first <= start and stop <= self._first + len(self._rows)
+        ):
+            self._rows, self._first = self._drawn_again(start, stop).unbind(0), start
+        self.next_step = start
+
+    def _drawn_again(self, start: int, stop: int) -> Tensor:
+        noise = self._redraw(start, stop)
+        expected = (stop - start,) + tuple(self._size[1:])
+        if tuple(noise.shape) != expected:
+            raise RuntimeError(
+                f"GridBrownian: expected `redraw` to return increments of shape {expected}, "
+                f"actual {tuple(noise.shape)}"
+            )
+        return noise
 
     def __call__(self, ta, tb=None, return_U=False, return_A=False):
         if tb is None or return_U or return_A:
             raise ValueError("GridBrownian serves increments W(tb) - W(ta) only")
         if not isinstance(ta, Tensor):  # a caller outside torchsde's loop
             a, b = round(ta), round(tb)
-            return self._noise[a:b].sum(0)
-        if self.next_step >= len(self._rows):
+            return self.noise[a:b].sum(0)
+        row = self.next_step - self._first
+        if not 0 <= row < len(self._rows):
             raise RuntimeError(
-                f"GridBrownian: expected at most {len(self._rows)} steps, actual a call "
-                "after the last one (set next_step to a solve's first step)"
+                f"GridBrownian: expected a step in {self._first} .. "
+                f"{self._first + len(self._rows) - 1}, actual step {self.next_step} (call "
+                "start_solve with a solve's steps)"
             )
-        self.served = self._rows[self.next_step]
+        self.served = self._rows[row]
         self.next_step += 1
         return self.served
 
     def __repr__(self) -> str:
-        return f"GridBrownian(num_steps={self._noise.shape[0]}, shape={tuple(self.shape)})"
+        return f"GridBrownian(num_steps={self._size[0]}, shape={tuple(self.shape)})"
 
     @property
     def dtype(self):
-        return self._noise.dtype
+        return self._dtype
 
     @property
     def device(self):
-        return self._noise.device
+        return self._device
 
     @property
     def shape(self):
-        return self._noise.shape[1:]
+        return self._size[1:]
 
     @property
     def levy_area_approximation(self):
@@ -243,22 +292,22 @@ def simulate(
     noise_dim = shape[-1] if noise_dim is None else noise_dim
     steps = times.diff()
     root_steps = steps.sqrt().reshape((-1,) + (1,) * len(shape))
-    if noise is None:  # drawn here: scaled in place, one path-sized tensor
-        increments = torch.randn(
-            (num_steps,) + shape[:-1] + (noise_dim,), dtype=x0.dtype, device=x0.device
-        ).mul_(root_steps)
-    else:
-        increments = noise * root_steps
     flat = x0.reshape(-1, shape[-1])
+    blocked = block_size is not None and block_size < num_steps
+    if noise is None:  # drawn here: scaled in place, one path-sized tensor
+        starts = range(0, num_steps, block_size) if blocked else ()
+        drawn = _GridNormal((num_steps, flat.shape[0], noise_dim), root_steps, x0, starts)
+        bm = GridBrownian(drawn.draw(), drawn.rows if blocked else None)
+    else:
+        bm = GridBrownian((noise * root_steps).reshape(num_steps, flat.shape[0], noise_dim))
     index_times = torch.arange(num_steps + 1, dtype=x0.dtype, device=x0.device)
-    bm = GridBrownian(increments.reshape(num_steps, flat.shape[0], noise_dim))
 
     def solve_steps(y: Tensor, start: int, stop: int) -> Tensor:
         coefficients = step if window is None else window(slice(start, stop))
         sde = _IndexTimeSDE(coefficients, steps[start:stop], start, shape, noise_type, bm)
         return _integrate(sde, y, index_times[start : stop + 1])
 
-    if block_size is None or block_size >= num_steps:
+    if not blocked:
         ys = solve_steps(flat, 0, num_steps)
     else:
         blocks, y = [], flat
@@ -267,7 +316,79 @@ def simulate(
             blocks.append(checkpoint_block(partial(solve_steps, start=start, stop=stop), y))
             y = blocks[-1][-1]
         ys = torch.cat(blocks)
+        if noise is None:
+            # Not kept to the backward pass, where the path's gradients peak: each block
+            # recomputed draws its own again, the same numbers.
+            bm.release()
     return ys.reshape((num_steps,) + shape).movedim(0, -2)
+
+
+class _GridNormal:
+    """The increments ``sqrt(h_k) xi_k`` of a grid, ``xi`` standard normal from the
+    default generator, drawn in chunks of :data:`DRAW_STEPS` steps. The generator's
+    state is saved before the chunks where steps of ``starts`` fall, so the rows from
+    such a step on can be drawn again (:meth:`rows`, after :meth:`draw`) without the
+    others.
+
+    A chunk's numbers are those of one draw over the whole grid when each chunk holds a
+    multiple of 16 numbers (CPU generators fill 16 at a time; a last chunk of fewer than
+    16 is drawn with the one before), so the chunks keep the numbers of earlier versions
+    on CPU.
+    """
+
+    def __init__(self, size: tuple[int, ...], root_steps: Tensor, like: Tensor, starts=()):
+        num_steps, per_step = size[0], math.prod(size[1:])
+        bounds = list(range(0, num_steps, DRAW_STEPS)) + [num_steps]
+        if len(bounds) > 2 and (num_steps - bounds[-2]) * per_step < 16:
+            del bounds[-2]
+        self._bounds, self._size = bounds, size
+        self._root_steps = root_steps.reshape(-1, 1, 1)
+        self._dtype, self._device = like.dtype, like.device
+        self._wanted = {bisect_right(bounds, start) - 1 for start in starts}
+        self._states: dict[int, Tensor] = {}
+
+    def draw(self) -> Tensor:
+        """The increments of every step, ``size``; saves the generator's states."""
+        bounds = self._bounds
+        noise = torch.empty(self._size, dtype=self._dtype, device=self._device)
+        for chunk in range(len(bounds) - 1):
+            if chunk in self._wanted:
+                self._states[chunk] = _rng_state(self._device)
+            noise[bounds[chunk] : bounds[chunk + 1]].normal_()
+        return noise.mul_(self._root_steps)
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """The increments of the steps ``start .. stop - 1`` drawn again (``start`` one
+        of ``starts``), leaving the generator as it is."""
+        bounds = self._bounds
+        first, last = bisect_right(bounds, start) - 1, bisect_left(bounds, stop)
+        if first not in self._states:
+            raise RuntimeError(f"_GridNormal: no saved state for step {start}")
+        noise = torch.empty(
+            (bounds[last] - bounds[first],) + self._size[1:], dtype=self._dtype, device=self._device
+        )
+        devices = [] if self._device.type == "cpu" else [self._device]
+        with torch.random.fork_rng(devices, device_type=self._device.type if devices else "cuda"):
+            _set_rng_state(self._device, self._states[first])
+            for chunk in range(first, last):
+                noise[bounds[chunk] - bounds[first] : bounds[chunk + 1] - bounds[first]].normal_()
+        offset = bounds[first]
+        rows = noise[start - offset : stop - offset]
+        return rows.mul_(self._root_steps[start:stop])
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    """The state of the default generator of ``device``."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
+
+
+def _set_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.get_device_module(device.type).set_rng_state(state, device)
 
 
 def _integrate(sde: _IndexTimeSDE, y0: Tensor, index_times: Tensor) -> Tensor:
@@ -282,7 +403,7 @@ def _integrate(sde: _IndexTimeSDE, y0: Tensor, index_times: Tensor) -> Tensor:
     """
     num_steps = index_times.shape[0] - 1
     bm = sde.brownian
-    bm.next_step = sde._first
+    bm.start_solve(sde._first, sde._first + num_steps)
     ends = index_times[[0, -1]]
     try:
         last = torchsde.sdeint(sde, y0, ends, bm=bm, method="euler", dt=1.0)[-1]

@@ -3,6 +3,7 @@ the blocked chains give the default's loss and gradients, and the autograd graph
 SVI step does not grow with the number of steps."""
 
 import gc
+import weakref
 
 import pyro
 import pyro.distributions as dist
@@ -280,3 +281,86 @@ def test_a_blocked_kernel_keeps_no_terms_of_the_size_of_the_path(monkeypatch):
     terms = kernel._filter.terms
     assert terms.states == tuple(range(2, 60, 3))
     assert terms.precision.shape[0] == terms.information.shape[0] == num_obs
+
+
+def test_blocks_let_the_increments_go_and_the_recomputation_draws_the_same_ones(monkeypatch):
+    """A blocked solve keeps no path-sized increments from its forward pass to the
+    backward pass: each block recomputed draws its own again from the generator's saved
+    state (the same numbers: the path and its gradients equal the default solve's),
+    which leaves the generator as it was."""
+    from pyro_latdiff import sde
+
+    drawn, redrawn = [], []
+    draw, rows = sde._GridNormal.draw, sde._GridNormal.rows
+
+    def recorded_draw(self):
+        drawn.append(weakref.ref(out := draw(self)))
+        return out
+
+    def recorded_rows(self, start, stop):
+        state = torch.get_rng_state()
+        out = rows(self, start, stop)
+        redrawn.append((start, stop, torch.equal(state, torch.get_rng_state())))
+        return out
+
+    monkeypatch.setattr(sde._GridNormal, "draw", recorded_draw)
+    monkeypatch.setattr(sde._GridNormal, "rows", recorded_rows)
+    monkeypatch.setattr(sde, "DRAW_STEPS", 16)  # blocks across chunks, a merged last one
+    times = torch.linspace(0.0, 1.0, 50, dtype=torch.float64)
+    rate = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    x0 = torch.ones(5, 2, dtype=torch.float64)
+
+    def run(block_size):
+        drawn.clear()
+        redrawn.clear()
+        pyro.set_rng_seed(4)
+        step = lambda k, x: (-rate * x, 0.3 + 0.2 * torch.tanh(x))  # noqa: E731
+        path = sde.simulate(step, x0, times, block_size=block_size)
+        released = [ref() is None for ref in drawn]
+        (grad,) = torch.autograd.grad((path**2).sum(), rate)
+        return path.detach(), grad, released, list(redrawn)
+
+    path, grad, kept, none = run(None)
+    blocked_path, blocked_grad, released, blocks = run(10)
+    assert kept == [False] and none == []  # the default's graph holds its increments
+    assert released == [True]
+    assert sorted(blocks) == [(start, min(start + 10, 49), True) for start in range(0, 49, 10)]
+    assert torch.equal(path, blocked_path)
+    assert torch.allclose(grad, blocked_grad, rtol=1e-12)
+
+
+def test_increments_drawn_in_chunks_are_one_draw_of_the_grid_on_cpu():
+    """The chunks keep the numbers of a single draw over the grid (those of earlier
+    versions), a last chunk of fewer than 16 numbers included."""
+    from pyro_latdiff.sde import _GridNormal
+
+    for num_steps, batch in [(300, 64), (129, 5), (1000, 3)]:
+        for dtype in (torch.float32, torch.float64):
+            root_steps = torch.rand(num_steps, dtype=dtype) + 0.5
+            torch.manual_seed(2)
+            once = torch.randn(num_steps, batch, 1, dtype=dtype) * root_steps.reshape(-1, 1, 1)
+            torch.manual_seed(2)
+            start, stop = num_steps // 2, num_steps - 3
+            chunks = _GridNormal((num_steps, batch, 1), root_steps, once, starts=(0, start))
+            assert torch.equal(chunks.draw(), once)
+            assert torch.equal(chunks.rows(start, stop), once[start:stop])
+
+
+def test_grid_brownian_draws_released_increments_again_and_checks_them():
+    from pyro_latdiff.sde import GridBrownian
+
+    noise = torch.randn(4, 3, 2)
+    bm = GridBrownian(noise.clone(), redraw=lambda a, b: noise[a:b].clone())
+    bm.release()
+    bm.start_solve(1, 3)
+    assert torch.equal(bm(torch.tensor(1.0), torch.tensor(2.0)), noise[1])
+    assert torch.equal(bm(torch.tensor(2.0), torch.tensor(3.0)), noise[2])
+    with pytest.raises(RuntimeError, match=r"expected a step in 1 \.\. 2, actual step 3"):
+        bm(torch.tensor(3.0), torch.tensor(4.0))
+    assert torch.equal(bm.noise, noise)
+    with pytest.raises(RuntimeError, match="`redraw`"):
+        GridBrownian(noise).release()
+    bm = GridBrownian(noise, redraw=lambda a, b: noise[a : b + 1])
+    bm.release()
+    with pytest.raises(RuntimeError, match=r"expected `redraw` to return .* \(2, 3, 2\)"):
+        bm.start_solve(0, 2)
