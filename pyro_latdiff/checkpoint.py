@@ -55,7 +55,7 @@ class _Externals(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = {} if kwargs is None else kwargs
-        for tensor in _tensors((args, kwargs)):
+        for tensor in _arguments(args, kwargs):
             key = id(tensor)
             if (
                 tensor.requires_grad
@@ -65,10 +65,24 @@ class _Externals(TorchFunctionMode):
             ):
                 self.found[key] = tensor
         out = func(*args, **kwargs)
-        for tensor in _tensors(out):
+        for tensor in (out,) if isinstance(out, Tensor) else _tensors(out):
             if tensor.requires_grad:  # only these could be mistaken for an input
                 self._made[id(tensor)] = weakref.ref(tensor)
         return out
+
+
+def _arguments(args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors among an operation's arguments: :func:`_tensors` with the common
+    case (tensors and numbers at the top level) first, as it runs for every operation."""
+    found = []
+    for item in args:
+        if isinstance(item, Tensor):
+            found.append(item)
+        elif isinstance(item, (tuple, list, dict)):
+            found.extend(_tensors(item))
+    if kwargs:
+        found.extend(_tensors(kwargs))
+    return found
 
 
 def _replace(tree, aliases: dict[int, Tensor]):
@@ -91,7 +105,16 @@ class _Substitute(TorchFunctionMode):
         self._aliases = aliases
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        args, kwargs = _replace((args, {} if kwargs is None else kwargs), self._aliases)
+        aliases = self._aliases
+        args = tuple(
+            aliases.get(id(item), item)
+            if isinstance(item, Tensor)
+            else _replace(item, aliases)
+            if isinstance(item, (tuple, list, dict))
+            else item
+            for item in args
+        )
+        kwargs = _replace(kwargs, aliases) if kwargs else {}
         return func(*args, **kwargs)
 
 
