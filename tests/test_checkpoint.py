@@ -329,21 +329,26 @@ def test_blocks_let_the_increments_go_and_the_recomputation_draws_the_same_ones(
     assert torch.allclose(grad, blocked_grad, rtol=1e-12)
 
 
-def test_increments_drawn_in_chunks_are_one_draw_of_the_grid_on_cpu():
+@pytest.mark.parametrize("num_steps, batch", [(300, 64), (129, 5), (1000, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block_size", [None, 70])
+def test_increments_drawn_in_chunks_are_one_draw_of_the_grid_on_cpu(
+    num_steps, batch, dtype, block_size
+):
     """The chunks keep the numbers of a single draw over the grid (those of earlier
-    versions), a last chunk of fewer than 16 numbers included."""
-    from pyro_latdiff.sde import _GridNormal
+    versions), a last chunk of fewer than 16 numbers included: the path drawn equals
+    the path given that draw as its noise."""
+    from pyro_latdiff.sde import simulate
 
-    for num_steps, batch in [(300, 64), (129, 5), (1000, 3)]:
-        for dtype in (torch.float32, torch.float64):
-            root_steps = torch.rand(num_steps, dtype=dtype) + 0.5
-            torch.manual_seed(2)
-            once = torch.randn(num_steps, batch, 1, dtype=dtype) * root_steps.reshape(-1, 1, 1)
-            torch.manual_seed(2)
-            start, stop = num_steps // 2, num_steps - 3
-            chunks = _GridNormal((num_steps, batch, 1), root_steps, once, starts=(0, start))
-            assert torch.equal(chunks.draw(), once)
-            assert torch.equal(chunks.rows(start, stop), once[start:stop])
+    times = torch.cat([torch.zeros(1), torch.rand(num_steps).cumsum(0)]).to(dtype)
+    x0 = torch.zeros(batch, 1, dtype=dtype)
+    step = lambda k, x: (-0.5 * x, 0.7 + 0.1 * x.tanh())  # noqa: E731
+    torch.manual_seed(2)
+    once = torch.randn(num_steps, batch, 1, dtype=dtype)
+    given = simulate(step, x0, times, noise=once)
+    torch.manual_seed(2)
+    drawn = simulate(step, x0, times, block_size=block_size)
+    assert torch.equal(drawn, given)
 
 
 def test_grid_brownian_draws_released_increments_again_and_checks_them():
