@@ -78,11 +78,18 @@ def _arguments(args: tuple, kwargs: dict) -> list[Tensor]:
     for item in args:
         if isinstance(item, Tensor):
             found.append(item)
-        elif isinstance(item, (tuple, list, dict)):
+        elif _holds_tensors(item):
             found.extend(_tensors(item))
     if kwargs:
         found.extend(_tensors(kwargs))
     return found
+
+
+def _holds_tensors(item) -> bool:
+    """Whether ``item`` is a container that may hold tensors (not a shape)."""
+    if isinstance(item, dict):
+        return True
+    return isinstance(item, (tuple, list)) and not all(type(x) is int for x in item)
 
 
 def _replace(tree, aliases: dict[int, Tensor]):
@@ -110,7 +117,7 @@ class _Substitute(TorchFunctionMode):
             aliases.get(id(item), item)
             if isinstance(item, Tensor)
             else _replace(item, aliases)
-            if isinstance(item, (tuple, list, dict))
+            if _holds_tensors(item)
             else item
             for item in args
         )
