@@ -233,6 +233,37 @@ def _check_checkpoint(path, state, guide_trace, num_steps: int) -> None:
         )
 
 
+def _restore_params(path, saved: dict) -> None:
+    """Put the checkpoint's parameters into the parameter store. A parameter the store
+    already holds (the guide's, created by a trace before resuming) takes the saved
+    values in place: a module's plain ``nn.Parameter`` (the ``loc`` of
+    ``AutoMultivariateNormal`` and the other ``AutoContinuous`` guides) is the store's
+    tensor itself, and the module keeps computing with it, so replacing the store's
+    tensor would leave the module at its initial values and its gradients out of the
+    optimiser's reach. Every shape is checked before anything is written."""
+    store = pyro.get_param_store()
+    present = {name: store._params[name] for name in saved["params"] if name in store._params}
+    for name, value in present.items():
+        other = saved["params"][name]
+        if value.shape != other.shape or value.dtype != other.dtype:
+            raise ValueError(
+                f"fit: expected checkpoint {str(path)!r} to hold parameter '{name}' as the "
+                f"guide's, {tuple(value.shape)} {value.dtype}, actual {tuple(other.shape)} "
+                f"{other.dtype}; the guide or the data changed since it was saved: remove "
+                "the file to start afresh"
+            )
+    with torch.no_grad():
+        for name, value in present.items():
+            value.copy_(saved["params"][name])
+    rest = [name for name in saved["params"] if name not in present]
+    store.set_state(
+        {
+            "params": {name: saved["params"][name] for name in rest},
+            "constraints": saved["constraints"],
+        }
+    )
+
+
 def _rng_state():
     return {
         "torch": torch.get_rng_state(),
@@ -352,7 +383,7 @@ def fit(
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         state = torch.load(checkpoint, weights_only=False)
         _check_checkpoint(checkpoint, state, guide_trace, num_steps)
-        pyro.get_param_store().set_state(state["params"])
+        _restore_params(checkpoint, state["params"])
         optim.set_state(state["optim"])
         _set_rng_state(state["rng"])
         start, losses = state["step"], state["losses"]

@@ -2,10 +2,12 @@ import math
 import warnings
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
-from pyro_latdiff import DiffusionGuide, fit, log_evidence
+from pyro_latdiff import DiffusionGuide, LatentDiffusion, fit, log_evidence
 from pyro_latdiff.infer import FitDivergedError
 from pyro_latdiff.testing import ou_problem
 
@@ -85,6 +87,70 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     got = snapshot()
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def _rate_model(y):
+    rate = pyro.sample("rate", dist.LogNormal(0.0, 0.5))
+    x0 = torch.zeros(rate.shape + (1,))
+    drift = lambda t, x: -rate[..., None] * x  # noqa: E731
+    path = pyro.sample("path", LatentDiffusion(drift, 1.0, x0, torch.linspace(0, 1, 11)))
+    pyro.sample("y", dist.Normal(path[..., -1, :], 0.1).to_event(1), obs=y)
+
+
+def _run_rate(path, latent_guide, interrupt_at=None):
+    pyro.set_rng_seed(1)
+    guide = DiffusionGuide(_rate_model, latent_guide=latent_guide, name="g")
+
+    def callback(step, loss):
+        if step == interrupt_at:
+            raise KeyboardInterrupt
+
+    return fit(
+        _rate_model,
+        guide,
+        torch.tensor([1.5]),
+        num_steps=10,
+        num_particles=4,
+        checkpoint=path,
+        checkpoint_every=3,
+        callback=callback,
+        progress=False,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "latent_guide",
+    [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal],
+    ids=lambda g: g.__name__,
+)
+def test_resume_is_bit_identical_with_a_latent_guide_of_plain_parameters(tmp_path, latent_guide):
+    """An AutoContinuous guide computes with its ``loc``, a plain nn.Parameter that is the
+    parameter store's tensor itself: resuming writes the saved values into it (replacing
+    the store's tensor would leave the guide at its initial ``loc``, untrained)."""
+    straight = _run_rate(tmp_path / "a.pt", latent_guide)
+    expected = snapshot()
+    pyro.clear_param_store()
+    with pytest.raises(KeyboardInterrupt):
+        _run_rate(tmp_path / "b.pt", latent_guide, interrupt_at=4)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(123)
+    resumed = _run_rate(tmp_path / "b.pt", latent_guide)
+    assert resumed == straight
+    got = snapshot()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_resuming_a_checkpoint_of_other_shapes_is_one_clear_error(tmp_path):
+    path = tmp_path / "run.pt"
+    _run_rate(path, AutoMultivariateNormal)
+    state = torch.load(path, weights_only=False)
+    state["params"]["params"]["g.latents.loc"] = torch.zeros(3)
+    torch.save(state, path)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=r"parameter 'g.latents.loc' as the guide's, \(1,\)"):
+        _run_rate(path, AutoMultivariateNormal)
 
 
 def test_resuming_a_checkpoint_of_another_guide_or_past_num_steps_is_one_clear_error(tmp_path):
