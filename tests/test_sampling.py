@@ -214,6 +214,22 @@ def test_fit_with_a_bad_number_of_steps_is_one_clear_error(num_steps):
             "pool_size",
         ),
         (lambda f: MonteCarloFollmerSampler(f, 2, num_steps=3).sample(0), "num_samples"),
+        (lambda f: FollmerSampler(f, 2, dtype=torch.int64), "dtype"),
+        (lambda f: MonteCarloFollmerSampler(f, 2, dtype=torch.int64), "dtype"),
+        (lambda f: FollmerSampler(f, 2, base_drift="monte_carlo", num_inner=3), "num_inner"),
+        (
+            lambda f: FollmerSampler(f, 2, num_steps=5, times=torch.linspace(0, 1, 3)),
+            "num_steps",
+        ),
+        (lambda f: FollmerSampler(f, 2, num_steps=3).fit(2, lr=-1e-3), "lr"),
+        (lambda f: FollmerSampler(f, 2, num_steps=3).fit(2, lr=0.0), "lr"),
+        (lambda f: FollmerSampler(f, 2, num_steps=3).fit(2, lr=math.nan), "lr"),
+        (lambda f: FollmerSampler(f, 2, num_steps=3).fit(2, final_lr=0.0), "final_lr"),
+        (lambda f: FollmerSampler(f, 2, num_steps=3).fit(2, gain_lr=-1.0), "gain_lr"),
+        (lambda f: FollmerSampler(f, 2, num_steps=3).fit(2, num_particles=0), "num_particles"),
+        (lambda f: FollmerSampler(f, 2, num_steps=3).drift(3, torch.zeros(2)), "k"),
+        (lambda f: FollmerSampler(f, 2, num_steps=3).drift(-1, torch.zeros(2)), "k"),
+        (lambda f: FollmerSampler(f, 2, num_steps=3).drift(0, torch.zeros(3)), "x"),
         (lambda f: MonteCarloFollmerSampler(f, 2, num_steps=3).log_normalizer(0), "num_samples"),
         (lambda f: gaussian_importance_sampling(f, 2, 10, scale=0.0), "scale"),
         (lambda f: gaussian_importance_sampling(f, 2, 0), "num_samples"),
@@ -222,6 +238,27 @@ def test_fit_with_a_bad_number_of_steps_is_one_clear_error(num_steps):
 def test_sampler_arguments_are_checked(make, name):
     with pytest.raises((ValueError, TypeError), match=f"Expected `{name}`"):
         make(GaussianTarget(2).log_prob)
+
+
+def test_num_steps_that_agrees_with_times_is_accepted():
+    times = torch.linspace(0, 1, 4)
+    sampler = FollmerSampler(GaussianTarget(2).log_prob, 2, num_steps=3, times=times)
+    assert torch.equal(sampler.times, times)
+    assert FollmerSampler(GaussianTarget(2).log_prob, 2).times.shape == (101,)
+
+
+def test_resampling_from_a_pool_smaller_than_the_sample():
+    """With replacement, so a small pool is valid: only repeats more."""
+    sampler = FollmerSampler(GaussianTarget(2).log_prob, 2, num_steps=3, hidden_dims=(8,))
+    x = sampler.sample(8, resample=True, pool_size=2)
+    assert x.shape == (8, 2)
+    assert torch.unique(x, dim=0).shape[0] <= 2
+
+
+def test_drift_at_every_grid_step_and_any_batch():
+    sampler = FollmerSampler(GaussianTarget(2).log_prob, 2, num_steps=3, hidden_dims=(8,))
+    for k in range(3):
+        assert sampler.drift(k, torch.zeros(4, 5, 2)).shape == (4, 5, 2)
 
 
 def test_a_new_sampler_never_takes_a_freed_one_s_name():

@@ -12,8 +12,10 @@ import torch
 from pyro_latdiff.score import (
     CriticallyDampedLangevin,
     OrnsteinUhlenbeck,
+    ScoreNetwork,
     VarianceExploding,
     VariancePreserving,
+    check_score,
 )
 from pyro_latdiff.score.samplers import (
     GaussianChannel,
@@ -399,6 +401,38 @@ BAD = [
     ),
     ("horizon", lambda: GaussianChannel(-1.0)),
     ("t_min", lambda: ScoreDenoiser(_score, _ou(), t_min=0.0)),
+    ("t_min", lambda: ScoreDenoiser(_score, _ou(), t_min=torch.tensor([1e-3]))),
+    ("t_min", lambda: reverse_sde_euler(_score, _ou(), 8, 3, state_dim=2, t_min=torch.tensor(5.0))),
+    ("t_min", lambda: reverse_sde_euler(_score, _ou(), 8, 3, state_dim=2, t_min=torch.tensor(0))),
+    (
+        "x_init",
+        lambda: reverse_sde_euler(
+            _score, _ou(), 8, 3, state_dim=2, x_init=torch.zeros(8, 2, dtype=torch.int64)
+        ),
+    ),
+    (
+        "x_init",
+        lambda: exponential_integrator(
+            _score, _ou(), 8, 3, state_dim=2, x_init=torch.zeros(8, 2, dtype=torch.int64)
+        ),
+    ),
+    (
+        "x_init",
+        lambda: probability_flow_ode(
+            _score, _ou(), 8, 3, state_dim=2, x_init=torch.zeros(8, 2, dtype=torch.int32)
+        ),
+    ),
+    (
+        "x_init",
+        lambda: cld_sampler(
+            _score,
+            CriticallyDampedLangevin(),
+            8,
+            3,
+            state_dim=2,
+            x_init=torch.zeros(8, 4, dtype=torch.int64),
+        ),
+    ),
     ("num_steps", lambda: equalised_times(torch.linspace(0, 1, 5), torch.ones(5), 0)),
     ("mmse_values", lambda: equalised_times(torch.linspace(0, 1, 5), torch.ones(4), 3)),
     ("mmse_times", lambda: immse_times(torch.linspace(1, 2, 5), torch.ones(5), 3)),
@@ -423,6 +457,69 @@ def test_a_score_of_the_wrong_shape_after_the_first_call_is_one_clear_error(samp
 def test_bad_input_names_the_argument(name, call):
     with pytest.raises(ValueError, match=f"Expected `{name}"):
         call()
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_t_min_may_be_a_0d_tensor(sampler):
+    """As the unbiased estimators take ``t1``: the same grid as the float."""
+    run = SAMPLERS[sampler]
+    torch.manual_seed(0)
+    expected = run(_score, _ou(), 8, 3, state_dim=2, t_min=0.1)
+    torch.manual_seed(0)
+    result = run(_score, _ou(), 8, 3, state_dim=2, t_min=torch.tensor(0.1))
+    assert torch.equal(result.times, expected.times)
+    assert torch.equal(result.samples, expected.samples)
+    assert ScoreDenoiser(_score, _ou(), t_min=torch.tensor(1e-3)).channel.horizon == pytest.approx(
+        ScoreDenoiser(_score, _ou(), t_min=1e-3).channel.horizon
+    )
+
+
+@pytest.mark.parametrize(
+    "sampler", [reverse_sde_euler, exponential_integrator, probability_flow_ode, cld_sampler]
+)
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_network_of_another_dtype_is_named_as_a_dtype_mismatch(sampler, wrapped):
+    """Not as a wrong state dimension: the message names both dtypes and x_init."""
+    cld = sampler is cld_sampler
+    process = CriticallyDampedLangevin(horizon=2.0) if cld else _ou()
+    net = ScoreNetwork(_ou(), 4 if cld else 2).float()  # the default dtype is float64 here
+    score = (lambda t, x: net(t, x)) if wrapped else net
+    match = "sampler's dtype torch.float64" + ("" if wrapped else ".*parameters are torch.float32")
+    with pytest.raises(ValueError, match=f"Expected `score\\(t, x\\)`.*{match}.*`x_init`"):
+        sampler(score, process, 8, 3, state_dim=2, t_min=0.1)
+    x_init = torch.zeros(8, 4 if cld else 2, dtype=torch.float32)
+    result = sampler(net, process, 8, 3, state_dim=2, x_init=x_init, t_min=0.1)
+    assert result.samples.dtype == torch.float32
+
+
+def test_a_denoiser_of_another_dtype_names_the_dtype_argument():
+    net = torch.nn.Linear(2, 2).float()
+    with pytest.raises(ValueError, match="sampler's dtype torch.float64.*Pass dtype="):
+        denoiser_sampler(lambda t, y: net(y), GaussianChannel(1.0), 8, 3, state_dim=2)
+
+
+def test_exact_scores_follow_the_score_convention():
+    """t 0-d, (N, 1, 1) against x (N, B, D), (B, 1) against (B, D): x's shape, and the
+    same values as one time at a time."""
+    process, mean, var = _ou(), *_data(2)
+    cld = CriticallyDampedLangevin(horizon=2.0)
+    check_score(gaussian_score(process, mean, var), 2, 2.0)
+    for score, dim in (
+        (gaussian_score(process, mean, var), 2),
+        (gaussian_cld_velocity_score(cld, mean, var), 4),  # the velocity half
+    ):
+        out_dim = 2
+        x = torch.randn(4, 3, dim)
+        t = torch.rand(4, 1, 1) + 0.1
+        batched = score(t, x)
+        assert batched.shape == (4, 3, out_dim)
+        assert torch.allclose(batched, torch.stack([score(t[i, 0, 0], x[i]) for i in range(4)]))
+        t = t[:, 0]
+        batched = score(t, x[:, 0])
+        assert batched.shape == (4, out_dim)
+        assert torch.allclose(batched, torch.stack([score(t[i, 0], x[i, 0]) for i in range(4)]))
+        with pytest.raises(ValueError, match="Expected `t` 0-d or of x's rank"):
+            score(torch.rand(3), x)
 
 
 def test_nan_along_the_path_is_reported():

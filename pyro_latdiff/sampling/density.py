@@ -16,6 +16,16 @@ __all__ = ["TargetDensity"]
 _HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
 
+def check_dtype(dtype) -> torch.dtype:
+    """``dtype`` is None (torch's default dtype) or a floating point ``torch.dtype``;
+    return the dtype to use."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"Expected `dtype` to be a floating point torch.dtype, actual {dtype!r}")
+    return dtype
+
+
 class _FiniteGrad(torch.autograd.Function):
     """Identity whose backward sets non-finite gradient entries to zero: a point where
     the user's log-density is NaN must not send NaN back into the paths."""
@@ -88,6 +98,7 @@ class TargetDensity:
         self.log_density = log_density
         self.dim = dim
         self.margin = check_positive_float("margin", margin)
+        dtype = check_dtype(dtype)
         self.num_evaluations = 0
         self.num_gradient_evaluations = 0
         self._num_nonfinite: Tensor | int = 0

@@ -19,7 +19,7 @@ from .._warnings import LatentDiffusionWarning
 from ..distribution import EulerChain, LatentDiffusion
 from ..guide import DiffusionGuide
 from ..infer import fit, log_evidence
-from .density import TargetDensity
+from .density import TargetDensity, check_dtype
 from .estimate import LogNormalizerEstimate
 from .follmer_drift import ESTIMATORS, MonteCarloFollmerDrift
 from .log_variance import LogVarianceELBO
@@ -102,8 +102,9 @@ class FollmerSampler:
     :param callable log_density: unnormalised :math:`\log \pi(x)`, a function of a
         tensor ``batch_shape + (dim,)`` returning ``batch_shape``.
     :param int dim: the state dimension.
-    :param int num_steps: Euler steps on [0, 1] (a uniform grid).
-    :param torch.Tensor times: a grid instead (any horizon, uniform or not). A grid
+    :param int num_steps: Euler steps on [0, 1] (a uniform grid), 100 by default.
+    :param torch.Tensor times: a grid instead (any horizon, uniform or not; with
+        ``num_steps`` too, they must agree: ``len(times) == num_steps + 1``). A grid
         finer near its end, e.g. ``1 - (1 - torch.linspace(0, 1, 51))**2``, keeps the
         last steps' noise ``sigma * sqrt(h)`` below the target's finest scale at no
         extra cost.
@@ -121,7 +122,8 @@ class FollmerSampler:
         sampler's grid, a buffer built on that grid, or ``False``.
     :param float clip: clip of :math:`\nabla \log \pi` in the target-aware term.
     :param hidden_dims: hidden widths of the guide's network.
-    :param torch.dtype dtype: dtype of the paths.
+    :param torch.dtype dtype: dtype of the paths, a floating point one (default torch's
+        default).
     :param str name: prefix of the parameter names (unique per instance by default).
 
     References: Tzen & Raginsky (2019), *Theoretical guarantees for sampling and
@@ -135,7 +137,7 @@ class FollmerSampler:
         log_density: Callable[[Tensor], Tensor],
         dim: int,
         *,
-        num_steps: int = 100,
+        num_steps: int | None = None,
         times: Tensor | None = None,
         sigma: float = 1.0,
         control: str = "target_aware",
@@ -164,15 +166,25 @@ class FollmerSampler:
             )
         if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"Expected `sigma` to be a positive float, actual {sigma!r}")
-        self.dtype = dtype or torch.get_default_dtype()
+        if base_drift == "monte_carlo" and isinstance(num_inner, int) and num_inner % 2:
+            raise ValueError(
+                "Expected `num_inner` to be even with base_drift='monte_carlo' (its inner "
+                f"samples come in antithetic pairs), actual {num_inner!r}"
+            )
+        self.dtype = check_dtype(dtype)
         self.density = TargetDensity(log_density, dim, dtype=self.dtype)
         self.dim = dim
         self.sigma = float(sigma)
         if times is None:
-            check_positive_int("num_steps", num_steps)
+            num_steps = 100 if num_steps is None else check_positive_int("num_steps", num_steps)
             times = torch.linspace(0.0, 1.0, num_steps + 1, dtype=self.dtype)
         else:
             check_times(times)
+            if num_steps is not None and num_steps != times.shape[0] - 1:
+                raise ValueError(
+                    f"Expected `num_steps` = len(times) - 1 = {times.shape[0] - 1} when both "
+                    f"are given (or only one of them), actual {num_steps!r}"
+                )
         self.times = times.to(self.dtype)
         self.horizon = float(self.times[-1] - self.times[0])
         if base_drift == "monte_carlo" and (self.times[0] != 0 or self.times[-1] != 1):
@@ -297,6 +309,11 @@ class FollmerSampler:
         :returns: the loss at every step.
         """
         check_positive_int("num_steps", num_steps)
+        check_positive_int("num_particles", num_particles)
+        check_positive_float("lr", lr)
+        check_positive_float("final_lr", final_lr)
+        if gain_lr is not None:
+            check_positive_float("gain_lr", gain_lr)
         optim = kwargs.pop("optim", None) or self._optim(num_steps, lr, final_lr, gain_lr)
         loss = kwargs.pop("loss", None) or self.make_loss(num_particles)
         nonfinite = self.density.num_nonfinite
@@ -343,7 +360,19 @@ class FollmerSampler:
     @torch.no_grad()
     def drift(self, k: int, x: Tensor) -> Tensor:
         """The guide's learned drift (base drift plus ``sigma`` times the control) at
-        grid time ``times[k]``, for states ``x`` of shape ``(..., dim)``."""
+        grid time ``times[k]``, ``k`` an int in ``0 .. num_steps - 1``, for states ``x``
+        of shape ``(..., dim)``."""
+        num_steps = self.times.shape[0] - 1
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_steps:
+            raise ValueError(
+                f"Expected `k` to be an int step index in 0..{num_steps - 1} "
+                f"(num_steps = {num_steps}), actual {k!r}"
+            )
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
+            actual = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"Expected `x` of shape (..., dim) with dim = {self.dim}, actual {actual}"
+            )
         with poutine.block():
             trace = poutine.trace(self.guide).get_trace()
         fn = trace.nodes["path"]["fn"]
@@ -374,7 +403,9 @@ class FollmerSampler:
         With ``resample=True``, sampling-importance-resampling: ``pool_size`` paths
         (default ``4 * num_samples``) are drawn and ``num_samples`` terminal states
         resampled in proportion to their importance weights, which removes the guide's
-        bias as the pool grows (at the cost of repeated points)."""
+        bias as the pool grows (at the cost of repeated points). The draws are with
+        replacement, so any ``pool_size`` is valid, also one below ``num_samples``: the
+        bias depends on ``pool_size`` alone, the repeats grow as it shrinks."""
         check_positive_int("num_samples", num_samples)
         if not resample:
             return self.sample_paths(num_samples)[:, -1]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_callable, check_positive_float, check_positive_int
-from .density import TargetDensity
+from .density import TargetDensity, check_dtype
 from .estimate import LogNormalizerEstimate
 from .follmer_drift import MonteCarloFollmerDrift
 
@@ -49,7 +49,8 @@ class MonteCarloFollmerSampler:
     :param callable drift: a drift to use instead of the Monte Carlo one.
     :param float sigma: the noise scale :math:`\sigma` of the reference.
     :param int chunk_size: paths simulated at once (bounds memory).
-    :param torch.dtype dtype: dtype of the simulation.
+    :param torch.dtype dtype: dtype of the simulation, a floating point one (default
+        torch's default).
 
     References: Huang, Jiao, Kang, Liao, Liu & Liu (2021), *Schrödinger–Föllmer
     sampler*; Tzen & Raginsky (2019).
@@ -68,7 +69,7 @@ class MonteCarloFollmerSampler:
         chunk_size: int = 1000,
         dtype: torch.dtype | None = None,
     ):
-        self.dtype = dtype or torch.get_default_dtype()
+        self.dtype = check_dtype(dtype)
         self.density = TargetDensity(log_density, dim, dtype=self.dtype)
         self.dim = dim
         self.num_steps = check_positive_int("num_steps", num_steps)

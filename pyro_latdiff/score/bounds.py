@@ -204,7 +204,7 @@ def chen_bound(
     check_positive_int("num_nodes", num_nodes)
     horizon = horizon_of(process)
     times = make_times(horizon, num_steps, schedule, t_min, data.dtype, data.device)
-    call = CountedCall(score, "score")
+    call = CountedCall(score, "score", dtype_from="`data` of dtype {dtype}")
     num = data.shape[0]
     nodes, weights = gauss_legendre(num_nodes, data.dtype, data.device)
     disc = torch.zeros(num_steps, num, dtype=data.dtype)

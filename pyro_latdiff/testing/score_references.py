@@ -63,11 +63,29 @@ def gaussian_marginal(process, mean: Tensor, var: Tensor, t) -> tuple[Tensor, Te
     return a * mean, a**2 * var + std**2
 
 
+def _score_time(t, x: Tensor) -> Tensor:
+    """``t`` in the score convention (:func:`~pyro_latdiff.score.check_score`): 0-d, or
+    of ``x``'s rank with a last axis of 1 (time leftmost, e.g. ``(N, 1, 1)`` against
+    ``x`` of shape ``(N, B, D)``); returned without that axis, broadcasting with
+    ``x.shape[:-1]``."""
+    t = _t(t, x)
+    if t.dim() == 0:
+        return t
+    if t.dim() != x.dim() or t.shape[-1] != 1:
+        raise ValueError(
+            f"Expected `t` 0-d or of x's rank {x.dim()} with a last axis of 1 (time "
+            f"leftmost, x of shape {tuple(x.shape)}), actual shape {tuple(t.shape)}"
+        )
+    return t[..., 0]
+
+
 def gaussian_score(process, mean: Tensor, var: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-    """The exact score ``score(t, x)`` of the diffused Gaussian data."""
+    """The exact score ``score(t, x)`` of the diffused Gaussian data, shaped like ``x``;
+    ``t`` 0-d or of ``x``'s rank with a last axis of 1, as
+    :func:`~pyro_latdiff.score.check_score` probes a score."""
 
     def score(t: Tensor, x: Tensor) -> Tensor:
-        m, v = gaussian_marginal(process, mean, var, t)
+        m, v = gaussian_marginal(process, mean, var, _score_time(t, x))
         return -(x - m) / v
 
     return score
@@ -181,15 +199,19 @@ def exponential_integrator_density_1d(
 # --- critically damped Langevin -------------------------------------------------------
 
 
-def _cld_marginal(process, mean: Tensor, var: Tensor, t: float) -> tuple[Tensor, Tensor]:
-    """Per coordinate: mean ``(D, 2)`` and covariance ``(D, 2, 2)`` of ``(x_t, v_t)``."""
-    e, sigma = (c.to(mean.dtype) for c in process.transition(_t(0.0, mean), _t(t, mean)))
+def _cld_marginal(process, mean: Tensor, var: Tensor, t) -> tuple[Tensor, Tensor]:
+    """Per coordinate: mean ``t.shape + (D, 2)`` and covariance ``t.shape + (D, 2, 2)``
+    of ``(x_t, v_t)``, ``t`` a float or a tensor of times."""
+    e, sigma = (
+        c.to(mean.dtype)[..., None, :, :]  # a coordinate axis, left of the 2 x 2 blocks
+        for c in process.transition(_t(0.0, mean), _t(t, mean))
+    )
     gamma = float(getattr(process, "init_velocity_var", 0.0))
     init = torch.zeros(mean.shape + (2, 2), dtype=mean.dtype)
     init[..., 0, 0] = var
     init[..., 1, 1] = gamma
-    loc = mean[..., None] * e[:, 0]
-    return loc, e @ init @ e.T + sigma
+    loc = mean[..., None] * e[..., :, 0]
+    return loc, e @ init @ e.transpose(-1, -2) + sigma
 
 
 def gaussian_cld_velocity_score(
@@ -197,13 +219,14 @@ def gaussian_cld_velocity_score(
 ) -> Callable[[Tensor, Tensor], Tensor]:
     r"""The exact velocity score :math:`\nabla_v \log q_t(x, v)` of Gaussian data under
     critically damped Langevin diffusion; ``score(t, z)``, ``z = concat(x, v)`` of shape
-    ``(..., 2 D)``, returns ``(..., D)``."""
+    ``(..., 2 D)``, returns ``(..., D)``; ``t`` 0-d or of ``z``'s rank with a last axis
+    of 1, as for :func:`gaussian_score`."""
 
     def score(t: Tensor, z: Tensor) -> Tensor:
-        loc, cov = _cld_marginal(process, mean, var, float(t))
+        loc, cov = _cld_marginal(process, mean, var, _score_time(t, z))
         x, v = z.chunk(2, dim=-1)
         prec = torch.linalg.inv(cov)
-        return -(prec[:, 1, 0] * (x - loc[:, 0]) + prec[:, 1, 1] * (v - loc[:, 1]))
+        return -(prec[..., 1, 0] * (x - loc[..., 0]) + prec[..., 1, 1] * (v - loc[..., 1]))
 
     return score
 

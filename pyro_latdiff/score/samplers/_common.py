@@ -46,6 +46,35 @@ def horizon_of(process) -> float:
     return horizon
 
 
+def check_time(name: str, value, horizon: float, *, positive: bool = False) -> float:
+    """``value`` is a float (or a 0-d float tensor, as the unbiased estimators take
+    ``t1``) in ``[0, horizon)``, in ``(0, horizon)`` with ``positive``; return it as a
+    float."""
+    if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point():
+        value = value.item()
+    interval = f"(0, horizon = {horizon})" if positive else f"[0, horizon = {horizon})"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"Expected `{name}` to be a float (or a 0-d float tensor) in {interval}, "
+            f"actual {value!r}"
+        )
+    if not (0 < value < horizon if positive else 0 <= value < horizon):
+        raise ValueError(f"Expected `{name}` in {interval}, actual {value!r}")
+    return float(value)
+
+
+def sampler_dtype(x_init) -> torch.dtype:
+    """The dtype a sampler works in: ``x_init``'s, which must be floating point, else
+    torch's default."""
+    if not isinstance(x_init, Tensor):
+        return torch.get_default_dtype()  # None, or a wrong type initial_state reports
+    if not x_init.is_floating_point():
+        raise ValueError(
+            f"Expected `x_init` to be a floating point tensor, actual dtype {x_init.dtype}"
+        )
+    return x_init.dtype
+
+
 def make_times(
     horizon: float, num_steps: int, schedule, t_min: float, dtype, device=None
 ) -> Tensor:
@@ -53,10 +82,10 @@ def make_times(
     (reverse-time samplers walk it from the right).
 
     :param str or torch.Tensor schedule: ``"uniform"`` or the grid itself, ``(N + 1,)``.
+    :param t_min: a float or a 0-d float tensor in ``[0, horizon)``.
     """
     check_positive_int("num_steps", num_steps)
-    if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not (0 <= t_min < horizon):
-        raise ValueError(f"Expected `t_min` in [0, horizon = {horizon}), actual {t_min!r}")
+    t_min = check_time("t_min", t_min, horizon)
     if isinstance(schedule, str):
         if schedule != "uniform":
             raise ValueError(
@@ -125,15 +154,26 @@ def initial_state(
 
 
 class CountedCall:
-    """A network called as ``fn(t, x)``; counts calls and checks the first one."""
+    """A network called as ``fn(t, x)``; counts calls and checks the first one.
 
-    def __init__(self, fn: Callable, name: str, out_dim: int | None = None, extra_dims: tuple = ()):
+    ``dtype_from`` says, in a dtype mismatch's message, how to give the sampler another
+    dtype (``{dtype}`` is replaced by the network's)."""
+
+    def __init__(
+        self,
+        fn: Callable,
+        name: str,
+        out_dim: int | None = None,
+        extra_dims: tuple = (),
+        dtype_from: str = "`x_init` of dtype {dtype}",
+    ):
         if not callable(fn):
             raise ValueError(f"Expected `{name}` to be callable, actual {type(fn).__name__}")
         self.fn = fn
         self.name = name
         self.out_dim = out_dim  # the output's last dimension, if not x's
         self.extra_dims = tuple(extra_dims)  # trailing dimensions after it (a matrix)
+        self.dtype_from = dtype_from
         self.count = 0
 
     def __call__(self, t: Tensor, x: Tensor) -> Tensor:
@@ -152,21 +192,45 @@ class CountedCall:
             )
         return out
 
-    def checked(self, t: Tensor, x: Tensor) -> Tensor:
+    def checked(self, t: Tensor, x: Tensor, *, any_shape: bool = False) -> Tensor:
         """The first call: also, the call must not fail (a network built for another
-        state dimension fails inside) and the output must be finite."""
+        state dimension fails inside, so does one of another dtype) and the output must
+        be finite. With ``any_shape`` the output is returned unchecked, for the caller
+        to decide between the shapes it takes."""
         try:
+            if any_shape:
+                self.count += 1
+                return self.fn(t, x)
             out = self(t, x)
         except (RuntimeError, IndexError) as error:
+            message = str(error)
+            dtype = _parameter_dtype(self.fn)
+            if dtype not in (None, x.dtype) or "dtype" in message or "scalar type" in message:
+                params = f"its parameters are {dtype} and " if dtype not in (None, x.dtype) else ""
+                raise ValueError(
+                    f"Expected `{self.name}(t, x)` to take x of the sampler's dtype {x.dtype}, "
+                    f"actual {params}it fails: {message}. Pass "
+                    + self.dtype_from.format(dtype=dtype or "the network's dtype")
+                    + f", or convert the network, e.g. {self.name}.to({x.dtype})"
+                ) from None
             raise ValueError(
                 f"Expected `{self.name}(t, x)` to take x of shape {shape_of(x)} (the state "
-                f"dimension is {x.shape[-1]}), actual it fails: {error}"
+                f"dimension is {x.shape[-1]}), actual it fails: {message}"
             ) from None
         if not torch.isfinite(out).all():
             raise ValueError(
                 f"Expected `{self.name}(t, x)` to be finite, actual NaN or inf at t = {float(t)}"
             )
         return out
+
+
+def _parameter_dtype(fn) -> torch.dtype | None:
+    """The dtype of a module's first floating point parameter, else None."""
+    if isinstance(fn, torch.nn.Module):
+        for param in fn.parameters():
+            if param.is_floating_point():
+                return param.dtype
+    return None
 
 
 def check_samples(samples: Tensor, name: str) -> Tensor:

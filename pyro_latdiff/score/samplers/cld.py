@@ -16,6 +16,7 @@ from ._common import (
     horizon_of,
     initial_state,
     make_times,
+    sampler_dtype,
 )
 
 CLD_PROCESS = ("horizon", "drift_matrix", "diffusion_coef", "transition", "prior")
@@ -58,7 +59,7 @@ def cld_sampler(
     *,
     state_dim: int,
     schedule: str | Tensor = "uniform",
-    t_min: float = 0.0,
+    t_min: float | Tensor = 0.0,
     x_init: Tensor | None = None,
 ) -> SampleResult:
     r"""Sample critically damped Langevin diffusion (CLD) backwards in time with the
@@ -101,21 +102,21 @@ def cld_sampler(
     :param int state_dim: position dimension ``D``.
     :param schedule: ``"uniform"`` or an increasing tensor of ``N + 1`` times.
     :type schedule: str or torch.Tensor
-    :param float t_min: the time the sampler stops at, ``>= 0``.
+    :param t_min: the time the sampler stops at, ``>= 0``: a float
+        or a 0-d float tensor.
     :param torch.Tensor x_init: optional start ``(num_samples, 2 state_dim)``.
     :returns: positions at ``t_min`` ``(num_samples, state_dim)``, the number of score
         calls and the grid.
     :rtype: SampleResult
     """
     check_process(process, CLD_PROCESS)
-    dtype = x_init.dtype if isinstance(x_init, Tensor) else torch.get_default_dtype()
+    dtype = sampler_dtype(x_init)
     times = make_times(horizon_of(process), num_steps, schedule, t_min, dtype)
     z = initial_state(process, num_samples, 2 * state_dim, x_init, dtype)
     propagate, column, noise = (m.to(z.device) for m in _step_tables(process, times))
     times = times.to(z.device)
     call = CountedCall(score, "score")
-    s = score(times[-1], z)  # the first call decides which of two shapes the score has
-    call.count += 1
+    s = call.checked(times[-1], z, any_shape=True)  # it decides which of two shapes
     if isinstance(s, Tensor) and s.shape == z.shape:
         velocity_half = True
     elif isinstance(s, Tensor) and s.shape == (num_samples, state_dim):

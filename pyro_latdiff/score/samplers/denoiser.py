@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..._validation import check_positive_int
-from ._common import CountedCall, SampleResult, check_samples, make_times
+from ._common import CountedCall, SampleResult, check_samples, check_time, make_times
 
 OUTPUTS = ("mean", "scaled", "channel")
 
@@ -47,19 +47,15 @@ class ScoreDenoiser:
 
     :param callable score: ``score(tau, x)`` of ``process``.
     :param process: scalar-linear forward process (``marginal_coefs``, ``horizon``).
-    :param float t_min: the smallest process time used (the score's truncation).
+    :param t_min: the smallest process time used (the score's truncation), a float
+        or a 0-d float tensor.
     :param int num_grid: size of the table of process times.
     """
 
     def __init__(self, score, process, t_min: float = 1e-3, num_grid: int = 4096):
         check_positive_int("num_grid", num_grid, minimum=2)
         horizon = float(process.horizon)
-        if (
-            isinstance(t_min, bool)
-            or not isinstance(t_min, (int, float))
-            or not (0 < t_min < horizon)
-        ):
-            raise ValueError(f"Expected `t_min` in (0, horizon = {horizon}), actual {t_min!r}")
+        t_min = check_time("t_min", t_min, horizon, positive=True)
         self.score = score
         self.process = process
         tau = torch.logspace(math.log10(t_min), math.log10(horizon), num_grid, dtype=torch.float64)
@@ -169,7 +165,7 @@ def denoiser_sampler(
     times = make_times(channel.horizon, num_steps, schedule, 0.0, dtype)
     if times[0] != 0:
         raise ValueError(f"Expected `schedule` to start at 0 (Y_0 = 0), actual {times[0].item()}")
-    call = CountedCall(denoiser, "denoiser")
+    call = CountedCall(denoiser, "denoiser", dtype_from="dtype={dtype}")
     delta = times.diff()
     y = torch.zeros(num_samples, state_dim, dtype=dtype)
     if covariance == "jacobian":

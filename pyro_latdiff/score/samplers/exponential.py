@@ -16,6 +16,7 @@ from ._common import (
     horizon_of,
     initial_state,
     make_times,
+    sampler_dtype,
     score_step_coefs,
 )
 
@@ -28,7 +29,7 @@ def exponential_integrator(
     *,
     state_dim: int,
     schedule: str | Tensor = "uniform",
-    t_min: float = 0.0,
+    t_min: float | Tensor = 0.0,
     x_init: Tensor | None = None,
 ) -> SampleResult:
     r"""Reverse-time SDE with the linear part integrated exactly and the score frozen at
@@ -73,14 +74,15 @@ def exponential_integrator(
     :param int state_dim: dimension of one sample.
     :param schedule: ``"uniform"`` or an increasing tensor of ``N + 1`` times.
     :type schedule: str or torch.Tensor
-    :param float t_min: the time the sampler stops at (early stopping), ``>= 0``.
+    :param t_min: the time the sampler stops at (early stopping), ``>= 0``: a float
+        or a 0-d float tensor.
     :param torch.Tensor x_init: optional start ``(num_samples, state_dim)`` instead of
         prior draws.
     :returns: samples at ``t_min``, the number of score calls and the grid.
     :rtype: SampleResult
     """
     check_process(process, ("horizon", "diffusion_coef", "transition_coefs", "prior"))
-    dtype = x_init.dtype if isinstance(x_init, Tensor) else torch.get_default_dtype()
+    dtype = sampler_dtype(x_init)
     times = make_times(horizon_of(process), num_steps, schedule, t_min, dtype)
     x = initial_state(process, num_samples, state_dim, x_init, dtype)
     times = times.to(x.device)

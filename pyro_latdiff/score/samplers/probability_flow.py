@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 from ._common import (
@@ -16,6 +15,7 @@ from ._common import (
     horizon_of,
     initial_state,
     make_times,
+    sampler_dtype,
 )
 
 # torchdiffeq's fixed-grid methods step on the schedule; adaptive ones choose their own
@@ -32,7 +32,7 @@ def probability_flow_ode(
     *,
     state_dim: int,
     schedule: str | Tensor = "uniform",
-    t_min: float = 0.0,
+    t_min: float | Tensor = 0.0,
     x_init: Tensor | None = None,
     method: str = "heun2",
     rtol: float = 1e-6,
@@ -74,7 +74,8 @@ def probability_flow_ode(
     :param int state_dim: dimension of one sample.
     :param schedule: ``"uniform"`` or an increasing tensor of ``N + 1`` times.
     :type schedule: str or torch.Tensor
-    :param float t_min: the time the flow stops at, ``>= 0``.
+    :param t_min: the time the flow stops at, ``>= 0``: a float
+        or a 0-d float tensor.
     :param torch.Tensor x_init: optional start ``(num_samples, state_dim)``.
     :param str method: a torchdiffeq method, one of ``FIXED_GRID_METHODS`` or
         ``ADAPTIVE_METHODS``.
@@ -90,7 +91,7 @@ def probability_flow_ode(
             f"Expected `method` in {FIXED_GRID_METHODS + ADAPTIVE_METHODS}, actual {method!r}"
         )
     check_process(process)
-    dtype = x_init.dtype if isinstance(x_init, Tensor) else torch.get_default_dtype()
+    dtype = sampler_dtype(x_init)
     times = make_times(horizon_of(process), num_steps, schedule, t_min, dtype)
     x = initial_state(process, num_samples, state_dim, x_init, dtype)
     times = times.to(x.device)
