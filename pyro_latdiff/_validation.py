@@ -100,6 +100,12 @@ def call_probe(name: str, fn, t: Tensor, x: Tensor):
             "(num_particles, 1) under vectorised particles), so give it a trailing state "
             "axis, e.g. theta.unsqueeze(-1)"
         ) from error
+    except (TypeError, IndexError) as error:
+        raise ValueError(
+            f"Expected `{name}` to be a function {name}(t, x) of a time t (a 0-d tensor here, "
+            f"times[0]) and states x (of shape {shape_of(x)} here), actual {name}(times[0], x0) "
+            f"fails: {type(error).__name__}: {error}"
+        ) from error
 
 
 def check_output(
@@ -123,6 +129,11 @@ def check_output(
     what = f"`{name}{call}`"
     if not isinstance(out, Tensor):
         raise TypeError(f"Expected {what} to return a torch.Tensor, actual {type(out).__name__}")
+    if out.dtype != x.dtype:  # else the path would silently take the promoted dtype
+        raise ValueError(
+            f"Expected {what} to return x's dtype {x.dtype}, actual {out.dtype}; build the "
+            "tensors it closes over (parameters, matrices) in x0's dtype"
+        )
     if exact and out.shape != x.shape:
         raise ValueError(
             f"Expected {what} to return a tensor of x's shape {shape_of(x)}, "

@@ -165,7 +165,8 @@ class EulerChain(TorchDistribution):
 
     def _log_prob_of_steps(self, value, previous, t, steps, window: slice) -> Tensor:
         drift, scale = self.path_coefficients(t, previous, window)
-        return transition_log_prob(value, previous, drift, scale, steps, self.noise_type)
+        first = window.start or 0
+        return transition_log_prob(value, previous, drift, scale, steps, self.noise_type, first)
 
 
 class LatentDiffusion(EulerChain):
@@ -195,13 +196,17 @@ class LatentDiffusion(EulerChain):
     The drift sees ``x`` of shape ``sample_shape + batch_shape + (D,)`` with ``t`` 0-d
     while simulating, and ``(N,) + sample_shape + batch_shape + (D,)`` with ``t`` of
     shape ``(N, 1, ..., 1)`` in :meth:`log_prob`: the time axis is leftmost, so the same
-    broadcasting serves both.
+    broadcasting serves both. A vector of ``t`` is ``t * w`` (``w`` of shape ``(D,)``), a
+    matrix ``t[..., None] * m``: a matrix of ``t`` alone (``m * (1 + t)``) would line the
+    time axis up with the batch.
 
     **Checks.** The arguments' contract (types, shapes, grid, dtype and device) is
     checked once, at construction, by probing the drift and a callable diffusion on
-    ``x0``. Values are not a contract: a drift that is not finite (say, for an
-    extreme parameter value proposed by NUTS) makes :meth:`log_prob` non-finite, so
-    inference can reject it, as with Pyro's own distributions.
+    ``x0``, at one step and at every step at once (a time axis of a size no other axis
+    has, so a misplaced one shows whatever ``N``). Values are not a contract: a drift
+    that is not finite (say, for an extreme parameter value proposed by NUTS) makes
+    :meth:`log_prob` non-finite, so inference can reject it, as with Pyro's own
+    distributions.
 
     Example::
 
@@ -272,6 +277,10 @@ class LatentDiffusion(EulerChain):
         self.diffusion = diffusion
         self.noise_type = noise_type
         self.noise_dim = probe.shape[-1] if general else x0.shape[-1]
+        _probe_time_axis(
+            drift, diffusion if callable(diffusion) else None, x0, t0, batch_shape, self.noise_dim,
+            general,
+        )  # fmt: skip
         self._diffusion_fn = constant_diffusion(diffusion, x0)
         self.x0 = x0
         self.times = times
@@ -300,6 +309,8 @@ class LatentDiffusion(EulerChain):
         _check_broadcasts_to("drift", drift, previous.shape)
         if self.noise_type == "diagonal":
             _check_broadcasts_to("diffusion", scale, previous.shape)
+        else:  # a (..., D, M) matrix per state
+            _check_broadcasts_to("diffusion", scale, previous.shape, self.noise_dim)
         return drift, scale
 
     def diffusion_at(self, t: Tensor, x: Tensor) -> Tensor:
@@ -318,20 +329,61 @@ def _broadcast_batch(name: str, batch_shape: torch.Size, shape: torch.Size) -> t
         ) from None
 
 
-def _check_broadcasts_to(name: str, value: Tensor, shape: torch.Size) -> None:
+def _check_broadcasts_to(
+    name: str, value: Tensor, states: torch.Size, columns: int | None = None
+) -> None:
+    """``value``, returned by ``name`` on ``states`` (time leftmost), broadcasts to them
+    (or, with ``columns``, to a ``(D, columns)`` matrix per state) without growing."""
+    shape = states if columns is None else states + (columns,)
     if not isinstance(value, Tensor) or value.dim() > len(shape):
         ok = False
     else:
         ok = all(a in (1, b) for a, b in zip(value.shape[::-1], shape[::-1], strict=False))
     if not ok:
+        what = "the states" if columns is None else "a (D, M) matrix per state"
         raise ValueError(
-            f"Expected `{name}` to return a value that broadcasts to the states it is "
-            f"given, shape {tuple(shape)} in log_prob (time leftmost, t of shape "
-            f"{(shape[0],) + (1,) * (len(shape) - 1)}), actual "
+            f"Expected `{name}(t, x)` to return a value that broadcasts to {what}, shape "
+            f"{tuple(shape)}, for x of shape {tuple(states)} and t of shape "
+            f"{(states[0],) + (1,) * (len(states) - 1)} (every step at once, time leftmost, "
+            "as log_prob calls it), actual "
             f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}: "
-            "t has the states' shape with 1 for each size, so build a (D, D) matrix "
-            "from t[..., 0], not from t"
+            f"{_TIME_LAYOUT}"
         )
+
+
+#: How to write a function of ``t`` that serves both layouts (one step, all steps).
+_TIME_LAYOUT = (
+    "t has the rank of the states, 1 for each size but the time axis, so a tensor built "
+    "from t alone has t's shape: build a vector as t * w (w of shape (D,)), a matrix as "
+    "t[..., None] * m (m of shape (D, D), or (D, M) for general noise)"
+)
+
+
+def _probe_time_axis(drift, diffusion, x0, t0, batch_shape, noise_dim, general) -> None:
+    """:meth:`EulerChain.log_prob` calls the drift and a callable diffusion on all
+    steps at once, time leftmost: probe that layout at construction too, with ``K``
+    copies of the state at ``t0``. ``K`` is a size no other axis has, so a time axis
+    that a function lines up with another axis (say, a matrix built from ``t`` that
+    pairs step ``k`` with series ``k``) changes the shape and shows, whatever ``N``."""
+    state_dim = x0.shape[-1]
+    taken = set(batch_shape) | {state_dim, noise_dim}
+    size = next(k for k in range(2, len(taken) + 3) if k not in taken)
+    x = x0.expand(batch_shape + (state_dim,)).expand((size,) + batch_shape + (state_dim,))
+    t = t0.expand(size).reshape((size,) + (1,) * (len(batch_shape) + 1))
+    functions = [("drift", drift, None)]
+    if diffusion is not None:
+        functions.append(("diffusion", diffusion, noise_dim if general else None))
+    for name, fn, columns in functions:
+        try:
+            out = fn(t, x)
+        except (RuntimeError, TypeError, ValueError, IndexError) as error:
+            raise ValueError(
+                f"Expected `{name}(t, x)` to take every step at once, as log_prob calls it: t "
+                f"of shape {tuple(t.shape)} and x of shape {tuple(x.shape)} (time leftmost); "
+                "use tensor operations of t (torch.cos(t), t * x), not float(t) or math "
+                f"functions of it; {_TIME_LAYOUT}; actual it fails: {error}"
+            ) from error
+        _check_broadcasts_to(name, out, x.shape, columns)
 
 
 def latent_diffusion_of(fn) -> LatentDiffusion | None:

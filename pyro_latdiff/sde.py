@@ -58,6 +58,7 @@ from .checkpoint import checkpoint_block
 __all__ = [
     "GridBrownian",
     "NOISE_TYPES",
+    "SingularNoiseError",
     "constant_diffusion",
     "gaussian_log_prob_tril",
     "simulate",
@@ -66,6 +67,16 @@ __all__ = [
 ]
 
 Diffusion = float | Tensor | Callable[[Tensor, Tensor], Tensor]
+
+
+class SingularNoiseError(RuntimeError):
+    """A general noise covariance ``sigma sigma^T h`` that is singular (or not finite)
+    at some step, so the Euler transition has no density there. A ``RuntimeError``
+    whose message says "singular", like torch's own ``LinAlgError``: Pyro's HMC and
+    NUTS treat it as a rejected (divergent) proposal instead of ending the run (a
+    ``ValueError`` would reach them wrapped by Pyro's trace as a plain one)."""
+
+
 Step = Callable[[int, Tensor], tuple[Tensor, Tensor]]
 
 #: Noise types and the number of trailing dimensions of their scale.
@@ -405,8 +416,13 @@ def _integrate(sde: _IndexTimeSDE, y0: Tensor, index_times: Tensor) -> Tensor:
     bm = sde.brownian
     bm.start_solve(sde._first, sde._first + num_steps)
     ends = index_times[[0, -1]]
+    # torchsde's shape check draws a normal increment from the default generator; put
+    # the generator back, so that a solve draws nothing (blocks and the backward
+    # pass's recomputation then leave the random stream as one solve does).
+    rng = _rng_state(y0.device)
     try:
         last = torchsde.sdeint(sde, y0, ends, bm=bm, method="euler", dt=1.0)[-1]
+        _set_rng_state(y0.device, rng)
         states = sde.states
     finally:
         # torchsde's wrapper of the SDE keeps its own bound methods, a reference cycle
@@ -422,7 +438,13 @@ def _integrate(sde: _IndexTimeSDE, y0: Tensor, index_times: Tensor) -> Tensor:
 
 
 def transition_log_prob(
-    value: Tensor, previous: Tensor, drift: Tensor, scale: Tensor, steps: Tensor, noise_type: str
+    value: Tensor,
+    previous: Tensor,
+    drift: Tensor,
+    scale: Tensor,
+    steps: Tensor,
+    noise_type: str,
+    first_step: int = 0,
 ) -> Tensor:
     """Log-density of Euler transitions, all steps at once, summed over time and state.
 
@@ -432,23 +454,28 @@ def transition_log_prob(
     (general: the covariance ``scale scale^T h`` must be positive definite) or a
     lower-triangular ``(..., D, D)`` factor with a positive diagonal (triangular).
 
+    A diagonal ``scale`` enters through its square only, as in the transition (a
+    diffusion such as ``0.8 * x`` is negative where an Euler path crossed zero).
+    ``first_step`` is the grid index of the first of these steps (for the message).
+
     :returns: ``sum_k log N(value_k; previous_k + drift_k h_k, Sigma_k)``, shape ``batch``.
-    :raises ValueError: if a general noise covariance is singular, naming the step.
+    :raises SingularNoiseError: if a general noise covariance is singular, naming the
+        step.
     """
     residual = value - previous - drift * steps
     if noise_type == "diagonal":
         scale = scale * steps.sqrt()
-        log_density = -0.5 * (residual / scale).square() - scale.log() - _HALF_LOG_TWO_PI
+        log_density = -0.5 * (residual / scale).square() - scale.abs().log() - _HALF_LOG_TWO_PI
         return log_density.sum(-1).sum(0)
     if noise_type == "triangular":
         return gaussian_log_prob_tril(residual, scale * steps.sqrt().unsqueeze(-1)).sum(0)
     covariance = (scale @ scale.transpose(-1, -2)) * steps.unsqueeze(-1)
     tril, info = torch.linalg.cholesky_ex(covariance)
     if (info > 0).any():
-        k = int(torch.nonzero(info.reshape(info.shape[0], -1) > 0)[0, 0])
-        raise ValueError(
+        k = first_step + int(torch.nonzero(info.reshape(info.shape[0], -1) > 0)[0, 0])
+        raise SingularNoiseError(
             "Expected the noise covariance diffusion(t, x) diffusion(t, x)^T h to be positive "
-            f"definite at every step, actual singular at step k = {k}"
+            f"definite at every step, actual singular (or not finite) at step k = {k}"
         )
     return gaussian_log_prob_tril(residual, tril).sum(0)
 

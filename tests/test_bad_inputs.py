@@ -94,6 +94,19 @@ TABLE = [
         r"`drift\(times\[0\], x0\)`.*torch.Tensor",
     ),
     (
+        # a parameter built in float32 promotes the float64 path silently
+        "drift-other-dtype",
+        lambda: make(drift=lambda t, x: -torch.ones(1, dtype=torch.float32) * x.float()),
+        ValueError,
+        r"`drift\(times\[0\], x0\)` to return x's dtype torch.float64, actual torch.float32",
+    ),
+    (
+        "diffusion-other-dtype",
+        lambda: make(diffusion=lambda t, x: torch.ones(1, dtype=torch.float32)),
+        ValueError,
+        r"`diffusion\(times\[0\], x0\)` to return x's dtype torch.float64, actual",
+    ),
+    (
         # a global latent of shape (num_particles, 1) that the drift multiplies into
         # x0 of shape (series, 1) without a trailing state axis
         "drift-closure-not-broadcasting",

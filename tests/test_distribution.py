@@ -8,7 +8,7 @@ from pyro import poutine
 from pyro.infer import Predictive, RenyiELBO, Trace_ELBO
 
 from pyro_latdiff import LatentDiffusion
-from pyro_latdiff.sde import solve
+from pyro_latdiff.sde import SingularNoiseError, solve
 from pyro_latdiff.testing import LinearSDE, SharedRateOU
 
 DTYPE = torch.float64
@@ -327,14 +327,15 @@ def test_general_noise_errors_name_the_argument_and_the_step():
         LatentDiffusion(lambda t, x: -x, 1.0, x0, times, noise_type="full")
     singular = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=DTYPE)  # rank 1
     fn = LatentDiffusion(lambda t, x: -x, singular, x0, times, noise_type="general")
-    with pytest.raises(ValueError, match=r"positive definite.*singular at step k = 0"):
+    with pytest.raises(SingularNoiseError, match=r"positive definite.*singular .*at step k = 0"):
         fn.log_prob(torch.zeros(2, 2, dtype=DTYPE))
 
 
 def test_a_drift_that_broadcasts_time_against_the_states_is_one_clear_error():
-    """Built as ``t.shape + (D, D)``, a matrix drift is right for the construction
-    probe's 0-d t and, in log_prob, where t is (N, 1), returns (N, N, D): the
-    log-density would have shape (N,) and a wrong sum. The error names the drift."""
+    """Built as ``t.shape + (D, D)``, a matrix drift is right for a 0-d t and, in
+    log_prob, where t is (N, 1), returns (N, N, D): the log-density would have shape
+    (N,) and a wrong sum. Construction probes that layout too: the error names the drift
+    and the fix."""
 
     def matrix(t):
         a = torch.zeros(t.shape + (2, 2), dtype=torch.float64)
@@ -343,28 +344,131 @@ def test_a_drift_that_broadcasts_time_against_the_states_is_one_clear_error():
 
     times = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
     x0 = torch.tensor([0.5, -0.5], dtype=torch.float64)
-    bad = LatentDiffusion(lambda t, x: (matrix(t) @ x.unsqueeze(-1)).squeeze(-1), 0.5, x0, times)
+    match = r"`drift\(t, x\)`.*shape \(3, 2\).*actual \(3, 3, 2\).*t\[\.\.\., None\] \* m"
+    with pytest.raises(ValueError, match=match):
+        LatentDiffusion(lambda t, x: (matrix(t) @ x.unsqueeze(-1)).squeeze(-1), 0.5, x0, times)
     good = LatentDiffusion(
         lambda t, x: (matrix(t[..., 0] if t.dim() else t) @ x.unsqueeze(-1)).squeeze(-1),
         0.5, x0, times,
     )  # fmt: skip
-    value = good.sample()
-    assert good.log_prob(value).shape == ()
-    match = r"`drift`.*shape \(5, 2\).*actual \(5, 5, 2\).*t\[\.\.\., 0\]"
-    with pytest.raises(ValueError, match=match):
-        bad.log_prob(value)
+    assert good.log_prob(good.sample()).shape == ()
+
+
+@pytest.mark.parametrize("batch", [(), (5,), (3, 5)], ids=str)
+def test_a_noise_matrix_of_t_must_keep_its_time_axis_apart_even_when_a_batch_has_n_series(batch):
+    """General noise ``S (1 + t)`` lines log_prob's time axis (N, 1, ..., 1) up with the
+    batch: with N series it is silently the matrix of step k for series k. Construction
+    probes every-step layout with a time axis of a size no other axis has, so it is one
+    error whatever N; ``S (1 + t[..., None])`` is right and matches the transitions'
+    density written out."""
+    num_steps = 5
+    times = torch.linspace(0.0, 1.0, num_steps + 1, dtype=DTYPE) ** 1.5
+    x0 = torch.zeros(batch + (2,), dtype=DTYPE)
+    s = torch.tensor([[1.0, 0.0, 0.3], [0.4, 0.8, 0.0]], dtype=DTYPE)
+    drift = lambda t, x: -x  # noqa: E731
+    with pytest.raises(ValueError, match=r"`diffusion\(t, x\)`.*t\[\.\.\., None\]"):
+        LatentDiffusion(drift, lambda t, x: s * (1 + t), x0, times, noise_type="general")
+    fn = LatentDiffusion(
+        drift, lambda t, x: s * (1 + t[..., None]), x0, times, noise_type="general"
+    )
+    value = fn.sample((2,))
+    expected, previous = 0.0, x0
+    for k in range(num_steps):
+        h, sigma = times[k + 1] - times[k], s * (1 + times[k])
+        mvn = dist.MultivariateNormal(
+            previous - previous * h, covariance_matrix=sigma @ sigma.mT * h
+        )
+        expected = expected + mvn.log_prob(value[..., k, :])
+        previous = value[..., k, :]
+    assert torch.allclose(fn.log_prob(value), expected, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize(
     "drift", [lambda t, x: -float(t) * x, lambda t, x: -math.cos(t) * x], ids=["float", "math"]
 )
-def test_a_drift_of_a_python_number_of_t_is_one_clear_error_in_log_prob(drift):
+def test_a_drift_of_a_python_number_of_t_is_one_clear_error_at_construction(drift):
     """Simulation calls the drift with a 0-d t, log_prob with all steps at once: a
-    float(t) or math.cos(t) works in the one and fails in the other, with a hint."""
-    chain = LatentDiffusion(drift, 1.0, torch.zeros(1), torch.linspace(0.0, 1.0, 6))
-    value = chain.sample()
-    with pytest.raises(ValueError, match=r"all steps at once.*t of shape \(5, 1\).*float\(t\)"):
-        chain.log_prob(value)
+    float(t) or math.cos(t) works in the one and fails in the other; construction
+    probes both, with a hint."""
+    with pytest.raises(ValueError, match=r"every step at once.*t of shape \(2, 1\).*float\(t\)"):
+        LatentDiffusion(drift, 1.0, torch.zeros(1), torch.linspace(0.0, 1.0, 6))
+
+
+@pytest.mark.parametrize(
+    "drift, match",
+    [
+        (lambda t: -t, r"`drift` to be a function drift\(t, x\).*TypeError"),
+        (lambda t, x: -x * t[..., 0], r"`drift` to be a function drift\(t, x\).*IndexError"),
+    ],
+    ids=["one argument", "indexes a 0-d t"],
+)
+def test_a_drift_that_cannot_be_called_as_drift_t_x_is_one_clear_error(drift, match):
+    with pytest.raises(ValueError, match=match):
+        LatentDiffusion(drift, 1.0, torch.zeros(1), torch.linspace(0.0, 1.0, 6))
+
+
+def test_a_singular_noise_matrix_names_its_step_in_blocks_and_is_what_nuts_rejects():
+    """Singular only at step 6 of 8: the step is named whether log_prob runs at once
+    or in blocks. The error is a RuntimeError saying "singular", as torch's own, so
+    Pyro's HMC/NUTS reject the proposal instead of stopping; Pyro's trace passes it
+    through unwrapped (a ValueError would become a plain one)."""
+    times = torch.linspace(0.0, 1.0, 9, dtype=DTYPE)
+    s = torch.eye(2, dtype=DTYPE)
+
+    def diffusion(t, x):
+        singular = ((t - times[6]).abs() < 1e-9).to(DTYPE)[..., None]  # rank 1 at step 6
+        return s - singular * torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=DTYPE)
+
+    x0 = torch.zeros(2, dtype=DTYPE)
+    value = torch.zeros(8, 2, dtype=DTYPE)
+    for block_size in (None, 2, 4):
+        fn = LatentDiffusion(
+            lambda t, x: -x, diffusion, x0, times, noise_type="general", block_size=block_size
+        )
+        with pytest.raises(SingularNoiseError, match=r"singular .*at step k = 6"):
+            fn.log_prob(value)
+
+    def model():
+        pyro.sample("path", fn, obs=value)
+
+    trace = poutine.trace(model).get_trace()
+    with pytest.raises(RuntimeError, match="singular") as caught:
+        trace.log_prob_sum()
+    assert isinstance(caught.value, SingularNoiseError)
+
+
+def test_a_diffusion_negative_where_a_path_crossed_zero_has_a_finite_log_prob():
+    """Geometric Brownian motion's Euler paths cross zero; there sigma(x) = 0.8 x is
+    negative, and the transition depends on sigma^2 only: log_prob equals the
+    transitions' density with |sigma| on the chain's own draws."""
+    times = torch.linspace(0.0, 4.0, 5, dtype=DTYPE)
+    x0 = torch.ones(1, dtype=DTYPE)
+    fn = LatentDiffusion(lambda t, x: 0.1 * x, lambda t, x: 0.8 * x, x0, times)
+    pyro.set_rng_seed(0)
+    value = fn.sample((1000,))
+    assert (value[..., :-1, :] < 0).any()
+    previous = torch.cat([x0.expand(1000, 1, 1), value[..., :-1, :]], dim=-2)
+    expected = dist.Normal(previous * 1.1, 0.8 * previous.abs()).log_prob(value).sum((-1, -2))
+    assert torch.allclose(fn.log_prob(value), expected, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("block_size", [None, 3, 10])
+def test_blocks_leave_the_random_stream_as_one_solve_does(block_size):
+    """Each torchsde solve checks shapes with a normal draw of its own; the solves put
+    the generator back, so a path in blocks and its backward pass leave the stream
+    where the path in one solve leaves it: later draws are the same."""
+    times = torch.linspace(0.0, 1.0, 21, dtype=DTYPE)
+    rate = torch.tensor(0.7, dtype=DTYPE, requires_grad=True)
+    fn = LatentDiffusion(
+        lambda t, x: -rate * x, 0.5, torch.zeros(3, 1, dtype=DTYPE), times, block_size=block_size
+    )
+    pyro.set_rng_seed(3)
+    path = fn.rsample()
+    path.square().sum().backward()
+    after = torch.randn(4, dtype=DTYPE)
+    pyro.set_rng_seed(3)
+    torch.randn((20, 3, 1), dtype=DTYPE)  # the increments: one draw over the grid
+    assert torch.equal(after, torch.randn(4, dtype=DTYPE))
 
 
 @pytest.mark.parametrize("kind", ["tensor", "callable"])
