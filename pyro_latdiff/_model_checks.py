@@ -15,12 +15,45 @@ from .distribution import LatentDiffusion
 __all__ = [
     "check_enclosing_plates",
     "check_noise_columns",
+    "check_observed_sites",
     "check_path_batch_rank",
     "check_path_event_shape",
     "check_site_batch_ranks",
     "enclosing_plates",
+    "observed_sites",
     "plates_batch_shape",
 ]
+
+
+def observed_sites(trace) -> list[str]:
+    """The observed sample sites of ``trace`` (the data), deterministic ones left out."""
+    return [
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+        and site["is_observed"]
+        and not site["infer"].get("_deterministic")
+        and not site_is_subsample(site)
+    ]
+
+
+def check_observed_sites(trace, observed: list[str]) -> None:
+    """The sites observed when the guide was built are observed now: the guide's paths
+    are conditioned on them (its kernel is filtered from them, its network reads them as
+    context), so with one left out (``obs=None``, Pyro's way to predict) it would draw
+    from the prior, given a context drawn at random, and say nothing."""
+    missing = [
+        name for name in observed if name in trace.nodes and not trace.nodes[name]["is_observed"]
+    ]
+    if missing:
+        raise ValueError(
+            f"DiffusionGuide: expected the sites observed when the guide was built, "
+            f"{observed}, to be observed in every call, actual {missing} unobserved: the "
+            "guide's paths are conditioned on the data. To predict, draw the posterior with "
+            "the data, then run the model on it without: samples = Predictive(model, "
+            "guide=guide, num_samples=n)(data); Predictive(model, "
+            "posterior_samples=samples)(None)"
+        )
 
 
 def enclosing_plates() -> list:

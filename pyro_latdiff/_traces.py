@@ -1,7 +1,7 @@
 """Pyro trace plumbing shared by :mod:`~pyro_latdiff.infer`,
 :mod:`~pyro_latdiff.calibration` and :mod:`~pyro_latdiff.inference_data`: the plate
-that vectorises draws, the plate nesting of traces, and one run of a guide with the
-model replayed on it."""
+that vectorises draws, the plate nesting of traces, one run of a guide with the
+model replayed on it, and what makes importance weights through a guide meaningless."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import Delta
 
 from ._validation import check_positive_int
 
@@ -36,6 +37,41 @@ def guide_and_model_traces(model: Callable, guide: Callable, args, kwargs):
             *args, **kwargs
         )
     return guide_trace, model_trace
+
+
+def point_mass_sites(guide_trace) -> list[str]:
+    """The latent sites that ``guide_trace`` draws from a point mass (``Delta``, as
+    :class:`~pyro.infer.autoguide.AutoDelta` does): a proposal without a density, so
+    importance weights through them are not weights of the posterior (they give
+    ``log p(y, z_hat)``, not ``log p(y)``, with no spread to warn). A guide with
+    auxiliary sites has none: its ``Delta`` sites are functions of them, whose density
+    the weights count (``AutoMultivariateNormal``'s joint latent, a noising chain)."""
+    sample_sites = [site for site in guide_trace.nodes.values() if site["type"] == "sample"]
+    if any(site["infer"].get("is_auxiliary") for site in sample_sites):
+        return []
+    names = []
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        fn = site["fn"]
+        while not isinstance(fn, Delta) and hasattr(fn, "base_dist"):
+            fn = fn.base_dist
+        if isinstance(fn, Delta):
+            names.append(name)
+    return names
+
+
+def check_no_point_masses(caller: str, guide_trace) -> None:
+    """One error if the guide draws a latent from a point mass (see
+    :func:`point_mass_sites`)."""
+    names = point_mass_sites(guide_trace)
+    if names:
+        raise ValueError(
+            f"{caller}: expected a guide with a density for every latent, actual sites "
+            f"{names} are point masses (Delta, e.g. AutoDelta: a MAP estimate): importance "
+            "weights through them estimate log p(y, z_hat), not log p(y); use a guide with "
+            "a spread for them (e.g. latent_guide=AutoNormal)"
+        )
 
 
 def subsampled_plates(trace) -> list[str]:

@@ -31,10 +31,12 @@ from torch.distributions import biject_to
 from ._model_checks import (
     check_enclosing_plates,
     check_noise_columns,
+    check_observed_sites,
     check_path_batch_rank,
     check_path_event_shape,
     check_site_batch_ranks,
     enclosing_plates,
+    observed_sites,
     plates_batch_shape,
 )
 from ._observations import ReferencePaths, observation_log_likelihood, shared_plate_values
@@ -268,6 +270,7 @@ class DiffusionGuide(AutoGuide):
         self._sites_checked: set[str] = set()
         self._model_plate_nesting = plate_nesting(self.prototype_trace)
         self._model_has_params = self._find_model_params(*args, **kwargs)
+        self._observed_sites = observed_sites(self.prototype_trace)
         self.chains = PyroModule()
         self.locs = PyroModule()
         self.log_scales = PyroModule()
@@ -422,6 +425,7 @@ class DiffusionGuide(AutoGuide):
         paths = ReferencePaths(remaining, outer if values else torch.Size(), {site: reference})
         with poutine.block(), torch.enable_grad():
             trace = poutine.trace(paths(model)).get_trace(*args, **kwargs)
+        check_observed_sites(trace, self._observed_sites)
         check_path_batch_rank(site, trace.nodes[site]["fn"], self._frames[site] + enclosing)
         if check_ranks:
             check_site_batch_ranks(trace, path_names, enclosing)

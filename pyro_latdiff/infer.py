@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ._traces import (
     check_full_plates,
+    check_no_point_masses,
     guide_and_model_traces,
     resolve_max_plate_nesting,
     subsampled_plates,
@@ -66,6 +67,7 @@ def log_evidence(
     chunk_size = chunk_size_or_default(chunk_size, num_samples)
     check_model_and_guide(model, guide, args, kwargs)
     traces = guide_and_model_traces(model, guide, args, kwargs)
+    check_no_point_masses("log_evidence", traces[0])
     check_full_plates(
         "log_evidence",
         traces[1],

@@ -22,6 +22,7 @@ from ._traces import (
     SAMPLE_PLATE,
     check_full_plates,
     guide_and_model_traces,
+    point_mass_sites,
     resolve_max_plate_nesting,
     vectorize,
 )
@@ -176,7 +177,9 @@ def to_inference_data(
       observation per plate element; an event dimension is one observation).
     - ``sample_stats``: ``log_weight`` :math:`= \log p(y, z_s) - \log q(z_s)`, the
       importance log-weights used by :func:`psis_diagnostics`, with ``lp``
-      :math:`= \log p(y, z_s)` and ``log_q`` :math:`= \log q(z_s)`.
+      :math:`= \log p(y, z_s)` and ``log_q`` :math:`= \log q(z_s)`. A guide that
+      draws a latent from a point mass (``AutoDelta``) has no weights: only ``lp``, and
+      the attribute ``point_mass_sites`` names those sites.
     - ``prior`` and ``prior_predictive`` (only if ``num_prior_samples > 0``): draws of
       the latent and observed sites from the model, in one chain.
 
@@ -214,6 +217,9 @@ def to_inference_data(
         model, guide, args, kwargs, max_plate_nesting, traces
     )
     layout = _Layout(max_plate_nesting)
+    # Through a point mass the weights are not importance weights: left out, and
+    # psis_diagnostics says why.
+    point_masses = point_mass_sites(traces[0])
     groups: dict[str, dict[str, list]] = {
         name: {}
         for name in (
@@ -256,8 +262,9 @@ def to_inference_data(
                 for _, site in _sites(guide_trace, observed=False)
             )
             append("sample_stats", "lp", log_p.cpu().numpy())
-            append("sample_stats", "log_q", torch.as_tensor(log_q).cpu().numpy())
-            append("sample_stats", "log_weight", (log_p - log_q).cpu().numpy())
+            if not point_masses:
+                append("sample_stats", "log_q", torch.as_tensor(log_q).cpu().numpy())
+                append("sample_stats", "log_weight", (log_p - log_q).cpu().numpy())
             for name, site in _sites(model_trace, observed=False):
                 _add(layout, name, site, max_plate_nesting)
                 append(
@@ -287,7 +294,10 @@ def to_inference_data(
                     layout.array(name, site["value"], site["fn"].event_dim, 1),
                 )
 
-    return _assemble(groups, observed, layout, num_chains, num_samples, num_prior_samples)
+    data = _assemble(groups, observed, layout, num_chains, num_samples, num_prior_samples)
+    if point_masses:
+        data.sample_stats.attrs["point_mass_sites"] = point_masses
+    return data
 
 
 def _add(layout: _Layout, name: str, site: dict, max_plate_nesting: int) -> None:
@@ -419,6 +429,14 @@ def _log_weights(data) -> np.ndarray:
     if not isinstance(data, az.InferenceData):
         raise TypeError(
             f"Expected `data` to be an arviz.InferenceData, actual {type(data).__name__}"
+        )
+    if "sample_stats" in data.groups() and data.sample_stats.attrs.get("point_mass_sites"):
+        raise ValueError(
+            "Expected `data` from a guide with a density for every latent, actual sites "
+            f"{list(data.sample_stats.attrs['point_mass_sites'])} are point masses (Delta, "
+            "e.g. AutoDelta): its draws have no importance weights (to_inference_data left "
+            "`log_weight` out); use a guide with a spread for them (e.g. "
+            "latent_guide=AutoNormal)"
         )
     if "sample_stats" not in data.groups() or "log_weight" not in data.sample_stats:
         raise ValueError(

@@ -10,6 +10,7 @@ import torch
 import xarray as xr
 from pyro import poutine
 from pyro.infer import Predictive
+from pyro.infer.autoguide import AutoDelta
 
 from pyro_latdiff import DiffusionGuide, fit, log_evidence
 from pyro_latdiff.inference_data import (
@@ -363,3 +364,21 @@ def test_a_subsampled_model_is_one_clear_error():
     with pytest.raises(ValueError, match=r"to_inference_data.*subsampled plates \['series'\]"):
         to_inference_data(model, guide, y, 2, num_samples=8)
     assert to_inference_data(model, guide, y, num_samples=8).posterior["path"].shape[1] == 8
+
+
+def test_a_guide_of_point_masses_has_no_importance_weights():
+    """AutoDelta's theta is a point mass: log p(y, z) - log q(z) through it is
+    log p(y, theta_hat) with no spread (ESS full, stderr 0), not the evidence.
+    log_evidence refuses it; to_inference_data keeps the draws and ``lp`` but no
+    weights, and psis_diagnostics says why."""
+    problem = SharedRateOU(torch.linspace(0.0, 1.0, NUM_STEPS + 1), OBS_SCALE)
+    y = torch.tensor(Y)
+    guide = DiffusionGuide(problem.model, latent_guide=AutoDelta)
+    fit(problem.model, guide, y, num_steps=5, num_particles=2, progress=False, check=False)
+    with pytest.raises(ValueError, match=r"log_evidence: .*\['theta'\] are point masses"):
+        log_evidence(problem.model, guide, y, num_samples=10)
+    data = to_inference_data(problem.model, guide, y, num_samples=5, num_chains=2)
+    assert "lp" in data.sample_stats and "log_weight" not in data.sample_stats
+    assert data.posterior["theta"].shape == (2, 5)
+    with pytest.raises(ValueError, match=r"\['theta'\] are point masses"):
+        psis_diagnostics(data)
