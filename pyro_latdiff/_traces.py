@@ -11,6 +11,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions import Delta
+from pyro.poutine.uncondition_messenger import UnconditionMessenger
 
 from ._validation import check_positive_int
 
@@ -37,6 +38,21 @@ def guide_and_model_traces(model: Callable, guide: Callable, args, kwargs):
             *args, **kwargs
         )
     return guide_trace, model_trace
+
+
+class _UnconditionData(UnconditionMessenger):
+    """``poutine.uncondition`` of the observations only: a ``pyro.deterministic`` site is
+    a function of the others, and drawing from its Delta would broadcast the value
+    against itself under vectorised plates."""
+
+    def _pyro_sample(self, msg) -> None:
+        if not msg["infer"].get("_deterministic", False):
+            super()._pyro_sample(msg)
+
+
+def uncondition_data(fn: Callable) -> Callable:
+    """``fn`` with its observations drawn from the model (see :class:`_UnconditionData`)."""
+    return _UnconditionData()(fn)
 
 
 def point_mass_sites(guide_trace) -> list[str]:

@@ -14,7 +14,7 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._traces import SAMPLE_PLATE, plate_nesting, vectorize
+from ._traces import SAMPLE_PLATE, plate_nesting, uncondition_data, vectorize
 from ._validation import check_positive_int, check_signature
 from .guide import DiffusionGuide
 from .infer import fit
@@ -119,6 +119,28 @@ def _aligned(value: Tensor, event_dim: int, rank: int) -> Tensor:
     return value.reshape((1,) * (rank - batch_rank) + tuple(value.shape))
 
 
+def _check_quantity_names(quantities, truth: dict, data: dict, deterministic: set) -> None:
+    """Quantities given by name name latent sites of the model (before any fit)."""
+    if isinstance(quantities, str):
+        quantities = [quantities]
+    if isinstance(quantities, Mapping):
+        return
+    for name in quantities:
+        if name not in truth:
+            what = (
+                "an observed site"
+                if name in data
+                else "a pyro.deterministic site, which a guide does not draw"
+                if name in deterministic
+                else "not a site of the model"
+            )
+            raise ValueError(
+                f"Expected `quantities` to name latent sites of the model, {sorted(truth)}, "
+                f"actual '{name}' is {what} (a function of the latents is given as a "
+                "mapping of names to callables)"
+            )
+
+
 def _quantity_fns(quantities) -> dict[str, Quantity]:
     if isinstance(quantities, str):
         quantities = [quantities]
@@ -216,25 +238,28 @@ def calibrate(
     fns = _quantity_fns(quantities)
     fit_fn = _default_fit(num_steps) if fit_fn is None else fit_fn
     with poutine.block(), torch.no_grad():
-        nesting = plate_nesting(
-            poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs)
-        )
+        nesting = plate_nesting(poutine.trace(uncondition_data(model)).get_trace(*args, **kwargs))
     ranks: dict[str, list[np.ndarray]] = {}
     starts = range(0, num_simulations, simulations_per_fit)
     for start in tqdm(starts, disable=not progress, desc="SBC"):
         size = min(simulations_per_fit, num_simulations - start)
         replicated = vectorize(model, size, -(nesting + 1), _SIMULATION_PLATE)
         with poutine.block(), torch.no_grad():
-            prior = poutine.trace(poutine.uncondition(replicated)).get_trace(*args, **kwargs)
-        data, truth, event_dims = {}, {}, {}
+            prior = poutine.trace(uncondition_data(replicated)).get_trace(*args, **kwargs)
+        data, truth, event_dims, deterministic = {}, {}, {}, set()
         for name, site in prior.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if site["infer"].get("_deterministic", False):
+                deterministic.add(name)  # a function of the others: not data, nor drawn
                 continue
             if site["infer"].get("was_observed", False):
                 data[name] = site["value"]
             else:
                 event_dims[name] = site["fn"].event_dim
                 truth[name] = _aligned(site["value"], event_dims[name], nesting + 1)
+        if start == 0:
+            _check_quantity_names(quantities, truth, data, deterministic)
         conditioned = poutine.condition(replicated, data=data)
         with pyro.get_param_store().scope():
             guide = guide_fn(conditioned)

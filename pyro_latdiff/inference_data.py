@@ -24,6 +24,7 @@ from ._traces import (
     guide_and_model_traces,
     point_mass_sites,
     resolve_max_plate_nesting,
+    uncondition_data,
     vectorize,
 )
 from ._validation import check_model_and_guide, check_positive_int, chunk_size_or_default
@@ -48,6 +49,16 @@ K_HAT_BAD = 0.7
 
 def _is_deterministic(site: dict) -> bool:
     return bool(site["infer"].get("_deterministic", False))
+
+
+def _event_dim(site: dict, leading: int) -> int:
+    """A site's event rank in a trace whose values have ``leading`` dimensions of draws
+    and plates. A ``pyro.deterministic`` site counts every dimension of its value as an
+    event by default (``event_dim = value.dim()``), the draws' and plates' too: its
+    event dimensions are those right of them."""
+    if _is_deterministic(site):
+        return max(0, site["value"].dim() - leading)
+    return site["fn"].event_dim
 
 
 def _sites(trace, observed: bool):
@@ -98,9 +109,9 @@ class _Layout:
         self.coords[dim] = values
         return dim
 
-    def add(self, name: str, site: dict, batch_shape: torch.Size) -> None:
+    def add(self, name: str, site: dict, batch_shape: torch.Size, event_dim: int) -> None:
         """``batch_shape``: the site's batch shape without the sample dimension, padded
-        on the left to ``max_plate_nesting`` dimensions."""
+        on the left to ``max_plate_nesting`` dimensions; ``event_dim`` its event rank."""
         if name in self.dims:
             return
         frames = {f.dim: f for f in site["cond_indep_stack"] if f.vectorized}
@@ -122,7 +133,7 @@ class _Layout:
             dims.append(self._coord(name, "time", times))
             dims.append(self._coord(name, "state", np.arange(path.state_dim)))
         else:
-            for _ in range(site["fn"].event_dim):
+            for _ in range(event_dim):
                 dims.append(f"{name}_dim_{extra}")
                 extra += 1
         self.dims[name] = dims
@@ -247,7 +258,7 @@ def to_inference_data(
                 poutine.replay(vectorized_model, trace=guide_trace)
             ).get_trace(*args, **kwargs)
             predictive_trace = poutine.trace(
-                poutine.uncondition(poutine.replay(vectorized_model, trace=guide_trace))
+                uncondition_data(poutine.replay(vectorized_model, trace=guide_trace))
             ).get_trace(*args, **kwargs)
             model_trace.compute_log_prob()
             guide_trace.compute_log_prob()
@@ -267,9 +278,8 @@ def to_inference_data(
                 append("sample_stats", "log_weight", (log_p - log_q).cpu().numpy())
             for name, site in _sites(model_trace, observed=False):
                 _add(layout, name, site, max_plate_nesting)
-                append(
-                    "posterior", name, layout.array(name, site["value"], site["fn"].event_dim, 1)
-                )
+                event_dim = _event_dim(site, max_plate_nesting + 1)
+                append("posterior", name, layout.array(name, site["value"], event_dim, 1))
             for name, site in _sites(model_trace, observed=True):
                 _add(layout, name, site, max_plate_nesting)
                 event_dim = site["fn"].event_dim
@@ -277,21 +287,25 @@ def to_inference_data(
                 value = predictive_trace.nodes[name]["value"]
                 append("posterior_predictive", name, layout.array(name, value, event_dim, 1))
                 if name not in observed:
-                    observed[name] = layout.array(name, site["value"], event_dim, 0)
+                    # as the site's density sees it: an observation that broadcasts over
+                    # a plate (obs=torch.tensor(1.0)) is one value per member
+                    value = site["value"].expand(_shape_without_draws(site, max_plate_nesting))
+                    observed[name] = layout.array(name, value, event_dim, 0)
         for start in range(0, num_prior_samples, chunk_size):
             size = min(chunk_size, num_prior_samples - start)
             prior_trace = poutine.trace(
-                poutine.uncondition(vectorize(model, size, -(max_plate_nesting + 1)))
+                uncondition_data(vectorize(model, size, -(max_plate_nesting + 1)))
             ).get_trace(*args, **kwargs)
             for name, site in _sites(prior_trace, observed=False):
                 was_observed = site["infer"].get("was_observed", False) and not _is_deterministic(
                     site
                 )
                 _add(layout, name, site, max_plate_nesting)
+                event_dim = _event_dim(site, max_plate_nesting + 1)
                 append(
                     "prior_predictive" if was_observed else "prior",
                     name,
-                    layout.array(name, site["value"], site["fn"].event_dim, 1),
+                    layout.array(name, site["value"], event_dim, 1),
                 )
 
     data = _assemble(groups, observed, layout, num_chains, num_samples, num_prior_samples)
@@ -301,12 +315,26 @@ def to_inference_data(
 
 
 def _add(layout: _Layout, name: str, site: dict, max_plate_nesting: int) -> None:
-    fn = site["fn"]
-    batch = fn.batch_shape
+    event_dim = _event_dim(site, max_plate_nesting + 1)
+    if _is_deterministic(site):
+        value = site["value"]
+        batch = value.shape[: value.dim() - event_dim]
+    else:
+        batch = site["fn"].batch_shape
     if len(batch) > max_plate_nesting:
         batch = batch[len(batch) - max_plate_nesting :]  # drop the sample dimension
     batch = torch.Size((1,) * (max_plate_nesting - len(batch))) + batch
-    layout.add(name, site, batch)
+    layout.add(name, site, batch, event_dim)
+
+
+def _shape_without_draws(site: dict, max_plate_nesting: int) -> torch.Size:
+    """The shape of an observed site's density, batch and event, without the draws'
+    dimension (the batch's ``max_plate_nesting + 1``-th from the right)."""
+    fn = site["fn"]
+    batch = fn.batch_shape
+    if len(batch) > max_plate_nesting:
+        batch = batch[len(batch) - max_plate_nesting :]
+    return batch + fn.event_shape
 
 
 def _log_likelihood_dims(layout: _Layout, name: str) -> list[str]:
@@ -472,7 +500,7 @@ def importance_mean(
     log_weights = psis_diagnostics(data).log_weights
     posterior = data.posterior
     if var_names is not None:
-        posterior = posterior[list(var_names)]
+        posterior = posterior[[var_names] if isinstance(var_names, str) else list(var_names)]
     values = posterior if fn is None else fn(posterior)
     weights = xr.DataArray(
         np.exp(log_weights - log_weights.max()),

@@ -37,9 +37,11 @@ import torch.distributed as torch_dist
 from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.optim import PyroOptim
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from ._validation import check_positive_int
+from .distribution import latent_diffusion_of
 from .infer import FitDivergedError
 
 __all__ = ["DataParallelSVI", "destroy_process_group", "init_process_group", "shard_slice"]
@@ -114,6 +116,26 @@ def destroy_process_group() -> None:
 def _shard_seed(seed: int, step: int, shard: int) -> int:
     """A seed for the draws of ``shard`` at ``step`` (``step = -1``: initialisation)."""
     return int(np.random.SeedSequence([seed, step + 1, shard]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _check_sharded_latents(model_trace, plate: str) -> None:
+    """Under the sharded plate, only paths are latent: a guide's per-series parameters
+    (a normal site's ``loc`` of the plate's full size) would be indexed by the guide's
+    own draw of the plate's indices, not by the shard's series, and trained on another
+    series' data, silently."""
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        if latent_diffusion_of(site["fn"]) is not None:
+            continue
+        if any(frame.name == plate for frame in site["cond_indep_stack"]):
+            raise ValueError(
+                f"DataParallelSVI: expected the latents under the sharded plate '{plate}' to "
+                f"be paths (their guide is amortised), actual site '{name}' is a per-series "
+                "latent: its guide's parameters would be read at the guide's own indices of "
+                "the plate, not the shard's series; make it part of the path's state, or a "
+                "latent outside the plate"
+            )
 
 
 def _subsampled_plates(trace) -> dict[str, tuple[int, int]]:
@@ -333,6 +355,8 @@ class DataParallelSVI:
                     poutine.replay(self.model, trace=guide_trace)
                 ).get_trace(*shard_args, **shard_kwargs)
         names = set(params.trace.nodes)
+        if plate is not None:
+            _check_sharded_latents(model_trace, plate)
         nesting = max(nesting, _plate_nesting(guide_trace), _plate_nesting(model_trace))
         if getattr(self.loss, "max_plate_nesting", 0) == float("inf"):
             # As ELBO's own guess (made here once, not on a shard's first step, so that

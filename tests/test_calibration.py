@@ -3,11 +3,13 @@ import math
 import matplotlib
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 from scipy import stats
 
-from pyro_latdiff import DiffusionGuide, fit
+from pyro_latdiff import DiffusionGuide, LatentDiffusion, fit
 from pyro_latdiff.calibration import Calibration, calibrate, rank_test
 from pyro_latdiff.infer import default_optim
 from pyro_latdiff.plots import plot_ranks
@@ -116,6 +118,53 @@ def test_calibrate_errors():
         calibrate(ou_model(times, 0.5), y, quantities=[])
     with pytest.raises(TypeError, match=r"`quantities\['a'\]` to be callable"):
         calibrate(ou_model(times, 0.5), y, quantities={"a": 1})
+
+
+@pytest.mark.parametrize(
+    "name, match", [("thetta", "not a site of the model"), ("y", "an observed site")]
+)
+def test_quantities_that_name_no_latent_site_are_one_error_before_any_fit(name, match):
+    times = torch.linspace(0.0, 1.0, 3)
+
+    def never(*args, **kwargs):
+        raise AssertionError("fitted before the quantities were checked")
+
+    expected = rf"`quantities` to name latent sites.*'{name}' is {match}"
+    with pytest.raises(ValueError, match=expected):
+        calibrate(ou_model(times, 0.5), torch.zeros(2), quantities=[name], fit_fn=never)
+
+
+def test_a_deterministic_site_is_neither_data_nor_a_quantity_by_name():
+    """``pyro.deterministic("xT", ...)`` is a function of the path: simulated data are the
+    observations only, so the fit sees y (the guide's X_T is near each simulated y), and
+    xT named as a quantity says how to give it. Several simulations per fit too (its
+    Delta is not drawn again under the simulations' plate)."""
+    times = torch.linspace(0.0, 1.0, 11)
+
+    def model(y):
+        path = pyro.sample("path", LatentDiffusion(lambda t, x: -x, 1.0, torch.zeros(1), times))
+        terminal = pyro.deterministic("xT", path[..., -1, 0])
+        pyro.sample("y", dist.Normal(terminal, 0.05), obs=y)
+
+    seen = []
+
+    def fit_fn(conditioned, guide, *args, **kwargs):
+        trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
+        observed = [
+            name
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample" and site["is_observed"]
+            if not site["infer"].get("_deterministic")
+        ]
+        seen.append(sorted(observed))
+
+    quantities = {"xT": lambda v: v["path"][..., -1, 0]}
+    result = calibrate(model, torch.tensor(1.0), quantities=quantities, num_simulations=4,
+                       num_samples=9, simulations_per_fit=2, fit_fn=fit_fn)  # fmt: skip
+    assert seen == [["y"], ["y"]]
+    assert result.ranks["xT"].shape == (4,)
+    with pytest.raises(ValueError, match=r"'xT' is a pyro.deterministic site"):
+        calibrate(model, torch.tensor(1.0), quantities=["xT"], fit_fn=fit_fn)
 
 
 # SBC of theta in the OU global-parameter model: 20 series observed with sd 0.5 at

@@ -12,7 +12,7 @@ from pyro import poutine
 from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoDelta
 
-from pyro_latdiff import DiffusionGuide, fit, log_evidence
+from pyro_latdiff import DiffusionGuide, LatentDiffusion, fit, log_evidence
 from pyro_latdiff.inference_data import (
     K_HAT_BAD,
     ImportanceDiagnostics,
@@ -382,3 +382,34 @@ def test_a_guide_of_point_masses_has_no_importance_weights():
     assert data.posterior["theta"].shape == (2, 5)
     with pytest.raises(ValueError, match=r"\['theta'\] are point masses"):
         psis_diagnostics(data)
+
+
+def test_deterministic_sites_and_observations_broadcast_over_a_plate_keep_the_plates_dims():
+    """pyro.deterministic counts every dimension of its value as an event by default,
+    the draws' and plates' too: its dims are the plate's, and its draws are the path's
+    own values. An observation that broadcasts over its plate (obs = a scalar) is one
+    value per member in observed_data. importance_mean takes var_names as a string."""
+    times = torch.linspace(0.0, 1.0, 6)
+    y = torch.tensor([1.0, -1.0, 0.5])
+
+    def model(y, scalar_obs=False):
+        with pyro.plate("series", 3):
+            x0 = torch.zeros(3, 1)
+            path = pyro.sample("path", LatentDiffusion(lambda t, x: -x, 1.0, x0, times))
+            terminal = pyro.deterministic("xT", path[..., -1, 0])
+            obs = torch.tensor(0.5) if scalar_obs else y
+            pyro.sample("y", dist.Normal(terminal, 0.1), obs=obs)
+
+    guide = DiffusionGuide(model)
+    data = to_inference_data(model, guide, y, num_samples=50, num_chains=2, chunk_size=30)
+    assert data.posterior["xT"].dims == ("chain", "draw", "series")
+    path = data.posterior["path"].isel(time=-1, state=0)
+    np.testing.assert_array_equal(data.posterior["xT"].values, path.values)
+    assert data.posterior_predictive["y"].dims == ("chain", "draw", "series")
+    mean = importance_mean(data, var_names="xT")
+    assert mean["xT"].dims == ("series",)
+    pyro.clear_param_store()
+    guide = DiffusionGuide(model)
+    data = to_inference_data(model, guide, y, True, num_samples=10, num_chains=1)
+    assert data.observed_data["y"].dims == ("series",)
+    np.testing.assert_array_equal(data.observed_data["y"].values, [0.5, 0.5, 0.5])

@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
 
-from pyro_latdiff import DiffusionGuide
+from pyro_latdiff import DiffusionGuide, LatentDiffusion
 from pyro_latdiff.parallel import DataParallelSVI, init_process_group, shard_slice
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -182,3 +183,26 @@ def test_uneven_shards_in_one_process_are_refused():
     svi = DataParallelSVI(problem.model, guide, optim, shard_fn=shard_fn, num_shards=2)
     with pytest.raises(ValueError, match="`shard_fn` to give shards of equal size"):
         svi.step(y)
+
+
+def test_a_per_series_latent_under_the_sharded_plate_is_refused():
+    """The guide's loc of a per-series latent has the plate's full size and is read at
+    the guide's own draw of the plate's indices, not at the shard's series: each shard
+    would train another series' parameters. Refused, naming the site."""
+    times = torch.linspace(0.0, 1.0, 5)
+
+    def model(y, num_series):
+        with pyro.plate("series", num_series, subsample_size=y.shape[0]):
+            a = pyro.sample("a", dist.Normal(0.0, 1.0))
+            x0 = a.unsqueeze(-1) * torch.ones(y.shape[0], 1)
+            path = pyro.sample("path", LatentDiffusion(lambda t, x: -x, 1.0, x0, times))
+            pyro.sample("y", dist.Normal(path[..., -1, 0], 0.1), obs=y)
+
+    def shard_fn(shard, num_shards, y):
+        return (y[shard_slice(len(y), shard, num_shards)], len(y)), {}
+
+    guide = DiffusionGuide(model, hidden_dims=(4,))
+    optim = pyro.optim.Adam({"lr": 0.1})
+    svi = DataParallelSVI(model, guide, optim, shard_fn=shard_fn, num_shards=2)
+    with pytest.raises(ValueError, match=r"sharded plate 'series'.*site 'a' is a per-series"):
+        svi.step(torch.arange(8.0))
