@@ -499,6 +499,26 @@ class DiffusionGuide(AutoGuide):
         score = ControlledChain(prior, detached, kernel, self.state_bounds, block_size)
         return PathDerivative(chain, score), chain
 
+    def _latent_values(self, drawn) -> dict:
+        """What ``latent_guide`` returned: its values of every latent but the paths, as
+        Pyro's autoguides return them. The paths' kernel is filtered given these; one
+        left out would be drawn from its prior in the pre-pass, a poor proposal, and
+        silently."""
+        if not isinstance(drawn, dict):
+            raise TypeError(
+                "DiffusionGuide: expected latent_guide(*args, **kwargs) to return a dict of "
+                f"its sites' values, as Pyro's autoguides do, actual {type(drawn).__name__}"
+            )
+        latents = [name for name in self._frames if name not in self._path_sites]
+        missing = [name for name in latents if name not in drawn]
+        if missing:
+            raise ValueError(
+                "DiffusionGuide: expected latent_guide to return the values of the model's "
+                f"latents other than the paths, {latents}, actual {missing} missing from "
+                f"what it returned, {sorted(drawn)}"
+            )
+        return drawn
+
     def _block_size(self, prior: LatentDiffusion) -> int | None:
         """The guide's ``block_size``, else the model's path site's."""
         return prior.block_size if self.block_size is None else self.block_size
@@ -532,7 +552,7 @@ class DiffusionGuide(AutoGuide):
         }
         values: dict[str, Tensor] = {}
         if self._latent_guide_factory is not None:
-            values.update(self.latents(*args, **kwargs))
+            values.update(self._latent_values(self.latents(*args, **kwargs)))
         for name in self._normal_sites:
             with self._plate_stack(name, plates):
                 values[name] = pyro.sample(name, self._normal_distribution(name))

@@ -568,3 +568,29 @@ def test_predicting_with_the_observations_left_out_is_one_clear_error_and_the_re
     var = cov[0, 0] + 0.1**2  # of y_new = x_N + noise
     assert abs(predicted.mean() - mean[0]) < 4 * math.sqrt(var / 4000)
     assert abs(predicted.var() / var - 1) < 4 * math.sqrt(2 / 4000)
+
+
+@pytest.mark.parametrize(
+    "returned, error, match",
+    [
+        ({}, ValueError, r"latents other than the paths, \['theta'\], actual \['theta'\] missing"),
+        (None, TypeError, r"latent_guide\(\*args, \*\*kwargs\) to return a dict.*NoneType"),
+    ],
+    ids=["empty", "none"],
+)
+def test_a_latent_guide_that_does_not_return_its_values_is_one_clear_error(returned, error, match):
+    """A hand-written latent_guide must return its values, as Pyro's autoguides do:
+    otherwise the paths' kernel would be filtered given globals drawn from the prior in
+    the pre-pass (a valid but poor proposal, silently)."""
+    problem = SharedRateOU(torch.linspace(0.0, 1.0, 6), 0.2)
+
+    def latent_guide(blocked_model):
+        def guide(y):
+            pyro.sample("theta", dist.LogNormal(0.0, 0.5))
+            return returned
+
+        return guide
+
+    guide = DiffusionGuide(problem.model, latent_guide=latent_guide)
+    with pytest.raises(error, match=match):
+        guide(torch.tensor([0.3, -0.5, 1.2, 0.1]))
