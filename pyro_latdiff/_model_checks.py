@@ -10,6 +10,7 @@ import torch
 from pyro.poutine.runtime import get_plates
 from pyro.poutine.util import site_is_subsample
 
+from ._traces import is_deterministic
 from .distribution import LatentDiffusion
 
 __all__ = [
@@ -32,7 +33,7 @@ def observed_sites(trace) -> list[str]:
         for name, site in trace.nodes.items()
         if site["type"] == "sample"
         and site["is_observed"]
-        and not site["infer"].get("_deterministic")
+        and not is_deterministic(site)
         and not site_is_subsample(site)
     ]
 

@@ -13,6 +13,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from ._shapes import broadcast_shapes
+from ._traces import is_deterministic
 from .distribution import LatentDiffusion, latent_diffusion_of
 
 __all__ = ["ReferencePaths", "observation_log_likelihood", "shared_plate_values"]
@@ -76,7 +77,7 @@ def shared_plate_values(path_site: dict, trace, path_names: set[str]) -> list[Te
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or name in path_names or site_is_subsample(site):
             continue
-        if site["infer"].get("_deterministic"):
+        if is_deterministic(site):
             continue
         frames = [f for f in site["cond_indep_stack"] if f.vectorized]
         names = {f.name for f in frames}
@@ -108,7 +109,7 @@ def observation_log_likelihood(trace, path_names: set[str]):
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or not site["is_observed"] or name in path_names:
             continue
-        if site_is_subsample(site) or site["infer"].get("_deterministic"):
+        if site_is_subsample(site) or is_deterministic(site):
             continue
         minibatch = 1.0
         for frame in site["cond_indep_stack"]:

@@ -40,13 +40,19 @@ def guide_and_model_traces(model: Callable, guide: Callable, args, kwargs):
     return guide_trace, model_trace
 
 
+def is_deterministic(site: dict) -> bool:
+    """Whether a trace site (or a message) is a ``pyro.deterministic`` one: a function
+    of the other sites, observed in form only."""
+    return bool(site["infer"].get("_deterministic", False))
+
+
 class _UnconditionData(UnconditionMessenger):
     """``poutine.uncondition`` of the observations only: a ``pyro.deterministic`` site is
     a function of the others, and drawing from its Delta would broadcast the value
     against itself under vectorised plates."""
 
     def _pyro_sample(self, msg) -> None:
-        if not msg["infer"].get("_deterministic", False):
+        if not is_deterministic(msg):
             super()._pyro_sample(msg)
 
 

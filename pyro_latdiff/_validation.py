@@ -334,7 +334,9 @@ def check_ordered_pair(name: str, value, what: str = "(low, high)") -> tuple[flo
 # ------------------------------------------------------------------ the unbiased estimators
 
 
-def _as_float(value):
+def as_float(value):
+    """A 0-d float tensor as a Python float; anything else as it is (for the caller's
+    check)."""
     if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point():
         return float(value)
     return value
@@ -342,7 +344,7 @@ def _as_float(value):
 
 def check_time_interval(t0, t1) -> float:
     """``t0 < t1``, both finite numbers (or 0-d float tensors); return ``t1 - t0``."""
-    t0, t1 = _as_float(t0), _as_float(t1)
+    t0, t1 = as_float(t0), as_float(t1)
     for name, value in (("t0", t0), ("t1", t1)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"Expected `{name}` to be a float, actual type {type(value).__name__}")

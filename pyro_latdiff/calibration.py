@@ -14,7 +14,7 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._traces import SAMPLE_PLATE, plate_nesting, uncondition_data, vectorize
+from ._traces import SAMPLE_PLATE, is_deterministic, plate_nesting, uncondition_data, vectorize
 from ._validation import check_positive_int, check_signature
 from .guide import DiffusionGuide
 from .infer import fit
@@ -250,7 +250,7 @@ def calibrate(
         for name, site in prior.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
-            if site["infer"].get("_deterministic", False):
+            if is_deterministic(site):
                 deterministic.add(name)  # a function of the others: not data, nor drawn
                 continue
             if site["infer"].get("was_observed", False):

@@ -22,6 +22,7 @@ from ._traces import (
     SAMPLE_PLATE,
     check_full_plates,
     guide_and_model_traces,
+    is_deterministic,
     point_mass_sites,
     resolve_max_plate_nesting,
     uncondition_data,
@@ -47,16 +48,12 @@ K_HAT_GOOD = 0.5
 K_HAT_BAD = 0.7
 
 
-def _is_deterministic(site: dict) -> bool:
-    return bool(site["infer"].get("_deterministic", False))
-
-
 def _event_dim(site: dict, leading: int) -> int:
     """A site's event rank in a trace whose values have ``leading`` dimensions of draws
     and plates. A ``pyro.deterministic`` site counts every dimension of its value as an
     event by default (``event_dim = value.dim()``), the draws' and plates' too: its
     event dimensions are those right of them."""
-    if _is_deterministic(site):
+    if is_deterministic(site):
         return max(0, site["value"].dim() - leading)
     return site["fn"].event_dim
 
@@ -67,7 +64,7 @@ def _sites(trace, observed: bool):
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site) or name == SAMPLE_PLATE:
             continue
-        is_observed = bool(site["is_observed"]) and not _is_deterministic(site)
+        is_observed = bool(site["is_observed"]) and not is_deterministic(site)
         if is_observed is observed:
             yield name, site
 
@@ -266,7 +263,7 @@ def to_inference_data(
                 _per_draw(site["log_prob"], size, max_plate_nesting)
                 for observed_ in (False, True)
                 for _, site in _sites(model_trace, observed=observed_)
-                if not _is_deterministic(site)
+                if not is_deterministic(site)
             )
             log_q = sum(
                 _per_draw(site["log_prob"], size, max_plate_nesting)
@@ -277,19 +274,19 @@ def to_inference_data(
                 append("sample_stats", "log_q", torch.as_tensor(log_q).cpu().numpy())
                 append("sample_stats", "log_weight", (log_p - log_q).cpu().numpy())
             for name, site in _sites(model_trace, observed=False):
-                _add(layout, name, site, max_plate_nesting)
-                event_dim = _event_dim(site, max_plate_nesting + 1)
+                event_dim = _add(layout, name, site, max_plate_nesting)
                 append("posterior", name, layout.array(name, site["value"], event_dim, 1))
             for name, site in _sites(model_trace, observed=True):
-                _add(layout, name, site, max_plate_nesting)
-                event_dim = site["fn"].event_dim
+                event_dim = _add(layout, name, site, max_plate_nesting)
                 append("log_likelihood", name, layout.array(name, site["log_prob"], 0, 1))
                 value = predictive_trace.nodes[name]["value"]
                 append("posterior_predictive", name, layout.array(name, value, event_dim, 1))
                 if name not in observed:
                     # as the site's density sees it: an observation that broadcasts over
                     # a plate (obs=torch.tensor(1.0)) is one value per member
-                    value = site["value"].expand(_shape_without_draws(site, max_plate_nesting))
+                    fn = site["fn"]
+                    shape = _without_draws(fn.batch_shape, max_plate_nesting) + fn.event_shape
+                    value = site["value"].expand(shape)
                     observed[name] = layout.array(name, value, event_dim, 0)
         for start in range(0, num_prior_samples, chunk_size):
             size = min(chunk_size, num_prior_samples - start)
@@ -297,11 +294,10 @@ def to_inference_data(
                 uncondition_data(vectorize(model, size, -(max_plate_nesting + 1)))
             ).get_trace(*args, **kwargs)
             for name, site in _sites(prior_trace, observed=False):
-                was_observed = site["infer"].get("was_observed", False) and not _is_deterministic(
+                was_observed = site["infer"].get("was_observed", False) and not is_deterministic(
                     site
                 )
-                _add(layout, name, site, max_plate_nesting)
-                event_dim = _event_dim(site, max_plate_nesting + 1)
+                event_dim = _add(layout, name, site, max_plate_nesting)
                 append(
                     "prior_predictive" if was_observed else "prior",
                     name,
@@ -314,27 +310,26 @@ def to_inference_data(
     return data
 
 
-def _add(layout: _Layout, name: str, site: dict, max_plate_nesting: int) -> None:
+def _add(layout: _Layout, name: str, site: dict, max_plate_nesting: int) -> int:
+    """Lay out the site's dimensions (once per site); returns its event rank."""
     event_dim = _event_dim(site, max_plate_nesting + 1)
-    if _is_deterministic(site):
+    if is_deterministic(site):
         value = site["value"]
         batch = value.shape[: value.dim() - event_dim]
     else:
         batch = site["fn"].batch_shape
-    if len(batch) > max_plate_nesting:
-        batch = batch[len(batch) - max_plate_nesting :]  # drop the sample dimension
+    batch = _without_draws(batch, max_plate_nesting)
     batch = torch.Size((1,) * (max_plate_nesting - len(batch))) + batch
     layout.add(name, site, batch, event_dim)
+    return event_dim
 
 
-def _shape_without_draws(site: dict, max_plate_nesting: int) -> torch.Size:
-    """The shape of an observed site's density, batch and event, without the draws'
-    dimension (the batch's ``max_plate_nesting + 1``-th from the right)."""
-    fn = site["fn"]
-    batch = fn.batch_shape
+def _without_draws(batch: torch.Size, max_plate_nesting: int) -> torch.Size:
+    """A batch shape without the draws' dimension (the ``max_plate_nesting + 1``-th from
+    the right), where it has one."""
     if len(batch) > max_plate_nesting:
-        batch = batch[len(batch) - max_plate_nesting :]
-    return batch + fn.event_shape
+        return batch[len(batch) - max_plate_nesting :]
+    return batch
 
 
 def _log_likelihood_dims(layout: _Layout, name: str) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from ..._validation import check_positive_int, check_provides, shape_of
+from ..._validation import as_float, check_positive_int, check_provides, shape_of
 
 LINEAR_PROCESS = ("horizon", "drift_coef", "diffusion_coef", "marginal_coefs", "prior")
 
@@ -50,8 +50,7 @@ def check_time(name: str, value, horizon: float, *, positive: bool = False) -> f
     """``value`` is a float (or a 0-d float tensor, as the unbiased estimators take
     ``t1``) in ``[0, horizon)``, in ``(0, horizon)`` with ``positive``; return it as a
     float."""
-    if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point():
-        value = value.item()
+    value = as_float(value)
     interval = f"(0, horizon = {horizon})" if positive else f"[0, horizon = {horizon})"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(
